@@ -1,0 +1,341 @@
+"""Configs: four dataclass sections, TOML presets, dotted command-line overrides.
+
+Design choices:
+- Every knob is a dataclass field with a default and a one-line comment, so the
+  dataclasses below are the reference of all keys.
+- A run is described by one resolved `Config`; it is written to the run
+  directory as TOML so that `lmlab train --config runs/x/config.toml` repeats it.
+- Unknown keys and wrong types are `LmlabError`s naming the closest valid key.
+- Derived values (d_ff, vocab size) are resolved once, in `resolve_*`, and
+  written back, so the saved config holds the numbers actually used.
+"""
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from lmlab.errors import LmlabError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0 = follow the tokenizer; larger pads the embedding (e.g. to a multiple of 64)
+    context_length: int = 256  # maximum sequence length seen in training
+    d_model: int = 256  # residual stream width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 8  # query heads; d_model must divide by it
+    n_kv_heads: int = 0  # key/value heads for grouped-query attention; 0 = n_heads
+    d_ff: int = 0  # SwiGLU hidden width; 0 = 8/3 d_model rounded up to a multiple of 64
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share the input embedding with the LM head
+    init_std: float = 0.02  # std of the normal init; residual projections are scaled by 1/sqrt(2 n_layers)
+    dropout: float = 0.0  # dropout on attention weights and residual branches
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "tinystories"  # bundled corpus name (tinystories, zh) or "" to use train_files
+    train_files: list[str] = field(default_factory=list)  # text / .jsonl files (.gz/.xz ok) used when corpus = ""
+    val_files: list[str] = field(default_factory=list)  # validation files; empty = hold out val_fraction of documents
+    val_fraction: float = 0.05  # share of documents held out when there are no val_files
+    tokenizer: str = ""  # directory (or tokenizer.json) of an existing tokenizer; "" = train one and cache it
+    tokenizer_vocab_size: int = 4096  # vocab size when lmlab trains the tokenizer
+    shards: str = ""  # directory of prepared shards; "" = prepare them and cache them
+    cache_dir: str = ""  # where built tokenizers and shards are cached; "" = $LMLAB_CACHE or ~/.cache/lmlab
+    packing: str = "concat"  # concat: random windows over joined documents; document: one document per row, padded
+    text_key: str = "text"  # field holding the text in .jsonl files
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    min_lr: float = 1e-4  # learning rate at the last step
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    schedule: str = "cosine"  # cosine: warmup then cosine decay to min_lr at the last step; constant: warmup then lr
+    weight_decay: float = 0.1  # AdamW decoupled decay on matrices; never on norms or biases
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
+    fused: str = "auto"  # fused AdamW kernel: auto (when the device supports it), true, false
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000  # optimizer steps; the schedule ends here
+    max_tokens: int = 0  # stop after this many training tokens instead (0 = use max_steps)
+    eval_every: int = 100  # steps between validation evaluations (and one at the end); 0 = only at the end
+    eval_batches: int = 20  # micro-batches in the fixed validation subset
+    log_every: int = 10  # steps between train-loss records in metrics.jsonl
+    precision: str = "fp32"  # fp32, bf16 (autocast), fp16 (autocast + grad scaler); "auto" = bf16 on GPUs that have it
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    seed: int = 1337  # seeds init, data order and sampling
+    run_name: str = ""  # run directory name; "" = <preset>-<date>-<time>
+    runs_dir: str = "runs"  # parent of run directories
+    sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time"])  # prompts sampled at the end
+    sample_tokens: int = 200  # new tokens per end-of-run sample
+    sample_temperature: float = 0.8  # temperature of end-of-run samples
+    sample_top_k: int = 50  # top-k of end-of-run samples (0 = off)
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "run"  # preset name, used to derive run names (taken from the file name when absent)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "name"}
+CONFIGS_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "cpu-quickstart"
+
+
+def all_keys():
+    """Every valid dotted key, e.g. 'optim.lr'."""
+    return ["name"] + [
+        f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+    ]
+
+
+# Names users bring from nanoGPT, litgpt and HF configs, mapped to ours.
+ALIASES = {
+    "learning_rate": "lr", "lr_min": "min_lr", "warmup": "warmup_steps", "wd": "weight_decay",
+    "n_layer": "n_layers", "num_hidden_layers": "n_layers", "n_head": "n_heads",
+    "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "n_embd": "d_model",
+    "hidden_size": "d_model", "dim": "d_model", "intermediate_size": "d_ff", "block_size": "context_length",
+    "seq_len": "context_length", "max_seq_len": "context_length", "steps": "max_steps", "max_iters": "max_steps",
+    "gradient_accumulation_steps": "grad_accum", "dtype": "precision", "clip": "grad_clip",
+}
+
+
+def _closest(key, candidates):
+    section, _, name = key.rpartition(".")
+    if name in ALIASES:
+        for candidate in candidates:
+            if candidate.rpartition(".")[2] == ALIASES[name] and candidate.startswith(section):
+                return f" (did you mean '{candidate}'?)"
+    same_section = [c for c in candidates if section and c.startswith(section + ".")]
+    match = difflib.get_close_matches(key, same_section, n=1, cutoff=0.6) or difflib.get_close_matches(
+        key, candidates, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _field_type(section_cls, name):
+    hints = typing.get_type_hints(section_cls)
+    return hints[name]
+
+
+def _coerce(value, typ, key):
+    """Check (and for strings from the command line, convert) a value to a field's type."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise LmlabError(f"config key '{key}' wants a list of strings, got {value!r}")
+        return list(value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise LmlabError(f"config key '{key}' wants true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise LmlabError(f"config key '{key}' wants an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+        raise LmlabError(f"config key '{key}' wants an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise LmlabError(f"config key '{key}' wants a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise LmlabError(f"config key '{key}' wants a string, got {value!r}")
+    raise TypeError(f"unsupported config field type {typ} for {key}")
+
+
+def set_key(config, key, value):
+    """Set a dotted key ('optim.lr') on `config`, checking the key and the type."""
+    if key == "name":
+        config.name = _coerce(value, str, key)
+        return
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name:
+        raise LmlabError(f"unknown config key '{key}'{_closest(key, all_keys())}")
+    section_cls = SECTIONS[section]
+    names = [f.name for f in dataclasses.fields(section_cls)]
+    if name not in names:
+        raise LmlabError(f"unknown config key '{key}'{_closest(key, all_keys())}")
+    setattr(getattr(config, section), name, _coerce(value, _field_type(section_cls, name), key))
+
+
+def from_dict(raw, source="config"):
+    """Build a Config from nested dicts (as read from TOML), rejecting unknown keys."""
+    config = Config()
+    for section, values in raw.items():
+        if section == "name":
+            set_key(config, "name", values)
+            continue
+        if section not in SECTIONS:
+            raise LmlabError(f"{source}: unknown config section '{section}'{_closest(section, list(SECTIONS))}")
+        if not isinstance(values, dict):
+            raise LmlabError(f"{source}: '{section}' must be a table like [{section}]")
+        for name, value in values.items():
+            try:
+                set_key(config, f"{section}.{name}", value)
+            except LmlabError as e:
+                raise LmlabError(f"{source}: {e}") from None
+    return config
+
+
+def preset_path(name):
+    """Path of a bundled preset given its name ('cpu-quickstart') or a file path."""
+    path = Path(name)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    bundled = CONFIGS_DIR / f"{name}.toml"
+    if bundled.exists():
+        return bundled
+    names = sorted(p.stem for p in CONFIGS_DIR.glob("*.toml"))
+    raise LmlabError(f"no config file or preset named '{name}'{_closest(name, names)}; presets: {', '.join(names)}")
+
+
+def load_config(path=None, overrides=()):
+    """Load a TOML preset (default: the CPU quick start) and apply KEY=VALUE overrides."""
+    path = preset_path(path or DEFAULT_PRESET)
+    if path.is_dir():
+        raise LmlabError(f"config {path} is a directory; give a .toml file")
+    if not path.exists():
+        raise LmlabError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise LmlabError(f"config file {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise LmlabError(f"config file {path} is not UTF-8 text") from None
+    raw.setdefault("name", path.stem if path.name != "config.toml" else path.parent.name)
+    config = from_dict(raw, source=str(path))
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def apply_overrides(config, overrides):
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise LmlabError(f"override '{item}' is not KEY=VALUE (for example optim.lr=3e-3)")
+        set_key(config, key.strip(), value.strip())
+    return config
+
+
+def to_dict(config):
+    return dataclasses.asdict(config)
+
+
+def to_toml(config):
+    return tomli_w.dumps(to_dict(config))
+
+
+def validate(config):
+    """Reject values that cannot work, with a sentence a user can act on."""
+    m, d, o, t = config.model, config.data, config.optim, config.train
+    choices = {
+        "data.packing": (d.packing, ("concat", "document")),
+        "optim.schedule": (o.schedule, ("cosine", "constant")),
+        "optim.fused": (o.fused, ("auto", "true", "false")),
+        "train.precision": (t.precision, ("fp32", "bf16", "fp16", "auto")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise LmlabError(f"config key '{key}' is '{value}'; choose one of {', '.join(allowed)}{_closest(value, list(allowed))}")
+    positive = {
+        "model.context_length": m.context_length, "model.d_model": m.d_model,
+        "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+        "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+        "train.eval_batches": t.eval_batches, "train.log_every": t.log_every,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise LmlabError(f"config key '{key}' must be positive, got {value}")
+    if m.d_model % m.n_heads:
+        raise LmlabError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    if (m.d_model // m.n_heads) % 2:
+        raise LmlabError(f"head size d_model/n_heads={m.d_model // m.n_heads} must be even for RoPE")
+    kv = m.n_kv_heads or m.n_heads
+    if m.n_heads % kv:
+        raise LmlabError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={kv}")
+    if t.max_steps <= 0 and t.max_tokens <= 0:
+        raise LmlabError("set train.max_steps or train.max_tokens to a positive number")
+    if not 0 <= o.min_lr <= o.lr:
+        raise LmlabError(f"optim.min_lr={o.min_lr} must lie between 0 and optim.lr={o.lr}")
+    if o.warmup_steps < 0:
+        raise LmlabError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    if not d.corpus and not d.train_files and not d.shards:
+        raise LmlabError("no training data: set data.corpus, data.train_files or data.shards")
+    if not 0 < d.val_fraction < 1:
+        raise LmlabError(f"data.val_fraction must lie strictly between 0 and 1, got {d.val_fraction}")
+
+
+def total_steps(config):
+    """Optimizer steps of the run: max_tokens (when set) converted to steps, else max_steps."""
+    t, m = config.train, config.model
+    if t.max_tokens > 0:
+        tokens_per_step = t.batch_size * t.grad_accum * m.context_length
+        return max(1, -(-t.max_tokens // tokens_per_step))
+    return t.max_steps
+
+
+def resolve_d_ff(model):
+    """SwiGLU width: 8/3 d_model (same parameters as a 4x GELU MLP) rounded up to 64."""
+    if model.d_ff > 0:
+        return model.d_ff
+    return 64 * -(-int(8 * model.d_model / 3) // 64)
+
+
+def describe_keys():
+    """'section.key  default  comment' lines, read from the dataclass definitions above."""
+    import inspect
+
+    lines = []
+    for section, cls in SECTIONS.items():
+        defaults = cls()
+        for source_line in inspect.getsource(cls).splitlines():
+            name, sep, rest = source_line.strip().partition(":")
+            if not sep or name not in defaults.__dataclass_fields__:
+                continue
+            comment = rest.partition("#")[2].strip()
+            value = getattr(defaults, name)
+            lines.append(f"  {section}.{name} = {value!r}\n      {comment}")
+    return "\n".join(lines)

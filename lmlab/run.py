@@ -1,0 +1,94 @@
+"""The run directory: the contract between train, generate, eval, report and export.
+
+    runs/NAME/
+      config.toml         the fully resolved config (repeat with --config)
+      tokenizer.json      the tokenizer the run was trained with
+      model.safetensors   final weights, Hugging Face Llama parameter names
+      metrics.jsonl       one JSON event per line (step, tokens, elapsed_s, ...)
+      summary.json        status, final / best validation loss, steps, tokens, time
+      samples.md          text generated at the end
+      plots/loss.png      train and validation loss against step
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomllib
+
+from lmlab import atomic
+from lmlab.config import Config, from_dict, to_toml
+from lmlab.errors import LmlabError
+
+WEIGHTS = "model.safetensors"
+
+
+def new_run_dir(config):
+    """Create runs/NAME; an existing NAME gets a numbered sibling, never overwritten."""
+    t = config.train
+    name = t.run_name or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    runs_dir = Path(t.runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise LmlabError(f"train.runs_dir={runs_dir} is a file, not a directory")
+    path, n = runs_dir / name, 1
+    while path.exists():
+        n += 1
+        path = runs_dir / f"{name}-{n}"
+    path.mkdir(parents=True)
+    (path / "plots").mkdir()
+    t.run_name = path.name
+    return path
+
+
+def save_config(run_dir, config):
+    atomic.write_text(Path(run_dir) / "config.toml", to_toml(config))
+
+
+def load_run_config(run_dir):
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise LmlabError(f"{run_dir} is not a run directory (no config.toml)")
+    return from_dict(tomllib.loads(path.read_text(encoding="utf-8")), source=str(path))
+
+
+@dataclass
+class Run:
+    path: Path
+    config: Config
+    model: object
+    tokenizer: object
+
+
+def load_run(path, device="cpu"):
+    """Load a run's model (eval mode), tokenizer and config from its directory."""
+    from safetensors.torch import load_file
+
+    from lmlab.model import Transformer
+    from lmlab.tokenizer import Tokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise LmlabError(f"run directory {path} does not exist")
+    config = load_run_config(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise LmlabError(f"{path} has no {WEIGHTS}: the run did not finish saving its weights")
+    tokenizer = Tokenizer.load(path)
+    model = Transformer(config.model)
+    state = load_file(weights, device=str(device))
+    if config.model.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return Run(path=path, config=config, model=model, tokenizer=tokenizer)
+
+
+def save_weights(model, run_dir):
+    """Final weights in safetensors (tied tensors stored once)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    with atomic.atomic_path(Path(run_dir) / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
