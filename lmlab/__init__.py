@@ -17,7 +17,7 @@ def __getattr__(name):
         from lmlab.config import load_config
         return load_config
     if name == "train":
-        from lmlab.train import train
+        from lmlab.trainer import train
         return train
     if name == "load_run":
         from lmlab.run import load_run

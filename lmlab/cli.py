@@ -21,7 +21,7 @@ def cmd_train(args):
     from lmlab.config import load_config
 
     config = load_config(args.config, args.overrides)  # config mistakes surface before torch is imported
-    from lmlab.train import train
+    from lmlab.trainer import train
 
     train(config)
 

@@ -11,6 +11,7 @@ Design choices:
 - The loop synchronises with the device only at logging steps (`.item()`).
 """
 
+import functools
 import math
 import sys
 import time
@@ -73,7 +74,7 @@ def write_samples(run_dir, model, tokenizer, config):
     return parts
 
 
-def train(config, log=print):
+def train(config, log=functools.partial(print, flush=True)):
     """Train a model as `config` says; returns the run directory."""
     validate(config)
     t, o = config.train, config.optim
