@@ -23,6 +23,6 @@ def __getattr__(name):
         from lmlab.run import load_run
         return load_run
     if name == "generate":
-        from lmlab.generate import generate
+        from lmlab.sampling import generate
         return generate
     raise AttributeError(name)

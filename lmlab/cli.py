@@ -54,7 +54,7 @@ def cmd_prepare(args):
 
 def cmd_generate(args):
     from lmlab.device import resolve_device
-    from lmlab.generate import generate
+    from lmlab.sampling import generate
     from lmlab.run import load_run
 
     run = load_run(args.run, device=resolve_device(args.device))
@@ -63,6 +63,18 @@ def cmd_generate(args):
              temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
              seed=args.seed, stream=lambda piece: print(piece, end="", flush=True))
     print()
+
+
+def cmd_export(args):
+    from lmlab.export import export_hf
+
+    export_hf(args.run, args.out, log=print)
+
+
+def cmd_import(args):
+    from lmlab.export import import_hf
+
+    import_hf(args.hf_dir, args.run_dir, log=print)
 
 
 def build_parser():
@@ -75,7 +87,11 @@ def build_parser():
     p = verbs.add_parser("train", help="train a model (default: the CPU quick start on bundled TinyStories)",
                          description="Train a model. With no arguments, runs the CPU quick-start preset on the "
                                      "bundled TinyStories corpus, building its tokenizer and shards first if needed.",
-                         epilog=EPILOG_OVERRIDES + " `lmlab config --keys` lists every key.")
+                         epilog=EPILOG_OVERRIDES + " `lmlab config --keys` lists every key. Architecture "
+                                "switches for ablations: model.norm (rmsnorm, layernorm, none), "
+                                "model.norm_position (pre, post), model.position (rope, nope, learned), "
+                                "model.ffn (swiglu, silu, gelu), model.qk_norm, model.key_norm, "
+                                "model.key_norm_scale, model.bias, model.tie_embeddings, model.n_kv_heads.")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -121,6 +137,24 @@ def build_parser():
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     p.add_argument("--device", default="cpu", help="device to run on (cpu, cuda, mps, auto)")
     p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("export", help="write a run as a Hugging Face folder (Llama, or Qwen3 with QK-norm)",
+                         description="Write a run's model and tokenizer as a Hugging Face folder (config.json, "
+                                     "model.safetensors, tokenizer.json, tokenizer_config.json, "
+                                     "generation_config.json) that transformers.AutoModelForCausalLM loads: "
+                                     "LlamaForCausalLM, or Qwen3ForCausalLM when model.qk_norm is on. Models "
+                                     "with other switches (no norm, post-norm, NoPE, SiLU FFN, ...) are refused.")
+    p.add_argument("run", metavar="RUN", help="run directory, e.g. runs/cpu-quickstart-20260101-120000")
+    p.add_argument("out", metavar="OUT_DIR", help="new (or empty) directory to write the Hugging Face folder to")
+    p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("import", help="turn a local Hugging Face Llama / Qwen3 folder into a run directory",
+                         description="Read a local Hugging Face LlamaForCausalLM / Qwen3ForCausalLM folder "
+                                     "(config.json, safetensors weights, tokenizer.json) into a run directory "
+                                     "that lmlab generate, eval and export use.")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="local Hugging Face model folder")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="new run directory to create")
+    p.set_defaults(func=cmd_import)
     return parser
 
 

@@ -28,14 +28,24 @@ class ModelConfig:
     context_length: int = 256  # maximum sequence length seen in training
     d_model: int = 256  # residual stream width
     n_layers: int = 4  # transformer blocks
-    n_heads: int = 8  # query heads; d_model must divide by it
+    n_heads: int = 8  # query heads; d_model must divide by it (unless head_dim is set)
     n_kv_heads: int = 0  # key/value heads for grouped-query attention; 0 = n_heads
-    d_ff: int = 0  # SwiGLU hidden width; 0 = 8/3 d_model rounded up to a multiple of 64
+    d_ff: int = 0  # feed-forward hidden width; 0 = 8/3 d_model rounded up to 64 for swiglu, 4 d_model for silu / gelu
     rope_theta: float = 10000.0  # RoPE base frequency
-    norm_eps: float = 1e-5  # RMSNorm epsilon
+    norm_eps: float = 1e-5  # epsilon of every norm (RMSNorm, LayerNorm, QK-norm)
     tie_embeddings: bool = False  # share the input embedding with the LM head
     init_std: float = 0.02  # std of the normal init; residual projections are scaled by 1/sqrt(2 n_layers)
     dropout: float = 0.0  # dropout on attention weights and residual branches
+    norm: str = "rmsnorm"  # rmsnorm, layernorm (nanoGPT's: gain, and a bias when model.bias), none (no norm anywhere)
+    norm_position: str = "pre"  # pre: x + f(Norm(x)) (Llama); post: Norm(x + f(x)) (original Transformer)
+    position: str = "rope"  # rope (rotary, rope_theta), nope (no position information), learned (absolute embedding)
+    ffn: str = "swiglu"  # swiglu: W2(SiLU(W1 x) * W3 x); silu: W2 SiLU(W1 x); gelu: W2 GELU(W1 x)
+    head_dim: int = 0  # width of one attention head; 0 = d_model / n_heads
+    qk_norm: bool = False  # RMSNorm of queries and keys over each head before RoPE (as in Qwen3)
+    key_norm: bool = False  # KeyNorm: keys L2-normalised per head, logits = scale * q.k/|k| instead of q.k/sqrt(head_dim)
+    key_norm_scale: float = 0.0  # KeyNorm logit scale: > 0 fixed; 0 = learned, one per head, starting at 1
+    bias: bool = False  # biases in the attention and feed-forward projections (and LayerNorm); never in lm_head
+    init_from: str = ""  # local Hugging Face Llama / Qwen3 folder to start from (its architecture and weights)
 
 
 @dataclass
@@ -272,6 +282,10 @@ def validate(config):
     """Reject values that cannot work, with a sentence a user can act on."""
     m, d, o, t = config.model, config.data, config.optim, config.train
     choices = {
+        "model.norm": (m.norm, ("rmsnorm", "layernorm", "none")),
+        "model.norm_position": (m.norm_position, ("pre", "post")),
+        "model.position": (m.position, ("rope", "nope", "learned")),
+        "model.ffn": (m.ffn, ("swiglu", "silu", "gelu")),
         "data.packing": (d.packing, ("concat", "document")),
         "optim.schedule": (o.schedule, ("cosine", "constant")),
         "optim.fused": (o.fused, ("auto", "true", "false")),
@@ -289,13 +303,24 @@ def validate(config):
     for key, value in positive.items():
         if value <= 0:
             raise LmlabError(f"config key '{key}' must be positive, got {value}")
-    if m.d_model % m.n_heads:
+    if m.head_dim < 0:
+        raise LmlabError(f"model.head_dim must be >= 0 (0 = d_model / n_heads), got {m.head_dim}")
+    if not m.head_dim and m.d_model % m.n_heads:
         raise LmlabError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
-    if (m.d_model // m.n_heads) % 2:
-        raise LmlabError(f"head size d_model/n_heads={m.d_model // m.n_heads} must be even for RoPE")
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    if m.position == "rope" and head_dim % 2:
+        raise LmlabError(f"head size {head_dim} must be even for RoPE (or set model.position=nope / learned)")
     kv = m.n_kv_heads or m.n_heads
-    if m.n_heads % kv:
+    if kv < 0 or m.n_heads % kv:
         raise LmlabError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={kv}")
+    if not 0 <= m.dropout < 1:
+        raise LmlabError(f"model.dropout must lie in [0, 1), got {m.dropout}")
+    if m.init_std <= 0 or m.norm_eps <= 0 or m.rope_theta <= 0:
+        raise LmlabError("model.init_std, model.norm_eps and model.rope_theta must be positive")
+    if m.key_norm_scale < 0:
+        raise LmlabError(f"model.key_norm_scale must be >= 0 (0 = learned), got {m.key_norm_scale}")
+    if m.d_ff < 0 or m.vocab_size < 0:
+        raise LmlabError("model.d_ff and model.vocab_size must be >= 0 (0 = derive them)")
     if t.max_steps <= 0 and t.max_tokens <= 0:
         raise LmlabError("set train.max_steps or train.max_tokens to a positive number")
     if not 0 <= o.min_lr <= o.lr:
@@ -318,9 +343,15 @@ def total_steps(config):
 
 
 def resolve_d_ff(model):
-    """SwiGLU width: 8/3 d_model (same parameters as a 4x GELU MLP) rounded up to 64."""
+    """Feed-forward width when d_ff = 0: roughly 8 d_model^2 parameters whatever the FFN.
+
+    SwiGLU (three matrices): 8/3 d_model rounded up to a multiple of 64.
+    SiLU / GELU (two matrices): 4 d_model, as in GPT-2 and CS336's SiLU ablation.
+    """
     if model.d_ff > 0:
         return model.d_ff
+    if model.ffn in ("silu", "gelu"):
+        return 4 * model.d_model
     return 64 * -(-int(8 * model.d_model / 3) // 64)
 
 

@@ -474,3 +474,27 @@ class FixedBatches:
 
     def __iter__(self):
         return (self.batches._rows(p) for p in self.picks)
+
+
+def unigram_loss(train, val_batches, max_tokens=50_000_000):
+    """Cross-entropy (nats/token) of the fixed validation subset under the train split's unigram frequencies.
+
+    The loss a model gets by ignoring context entirely: a trained model should be far below it.
+    Counts come from up to `max_tokens` train tokens, add-one smoothed so no target has probability 0.
+    """
+    vocab = train.meta["vocab_size"]
+    counts = np.ones(vocab, dtype=np.float64)
+    budget = max_tokens
+    for shard in train.shards:
+        part = np.asarray(shard[:budget])
+        counts += np.bincount(part, minlength=vocab)[:vocab]
+        budget -= len(part)
+        if budget <= 0:
+            break
+    log_probs = np.log(counts / counts.sum())
+    total, count = 0.0, 0
+    for _, y in val_batches:
+        targets = y[y != IGNORE].numpy()
+        total -= log_probs[targets].sum()
+        count += len(targets)
+    return total / max(count, 1)

@@ -1,24 +1,30 @@
-"""The model: a decoder-only Llama-style transformer, and its KV cache.
+"""The model: a decoder-only transformer, Llama by default, with switches for ablations; and its KV cache.
 
 Design choices:
-- Llama architecture: token embedding, pre-norm blocks (RMSNorm -> attention,
-  RMSNorm -> SwiGLU MLP, each added to the residual stream), a final RMSNorm and
-  an LM head. No biases anywhere, no absolute position embedding.
+- Llama architecture by default: token embedding, pre-norm blocks (RMSNorm ->
+  attention, RMSNorm -> SwiGLU MLP, each added to the residual stream), a final
+  RMSNorm and an LM head. No biases, no absolute position embedding.
+- Every ablation is one `model.` config key (norm, norm_position, position,
+  ffn, qk_norm, key_norm, bias, tie_embeddings, n_kv_heads, dropout); the
+  pieces it swaps live in `lmlab.layers`. The Llama default is unchanged by
+  the switches' existence: same parameters, same numbers. Post-norm changes
+  the blocks only; the final norm before the head stays, as in CS336's
+  ablation, so that one switch changes one thing.
 - Module and parameter names are exactly Hugging Face's `LlamaForCausalLM`
   names without the "model." prefix (`embed_tokens`, `layers.0.self_attn.q_proj`,
-  ..., `norm`, `lm_head`), and RoPE uses HF's convention (rotate_half over the
-  two halves of a head, inv_freq = theta^(-2i/d)). Export is then a key rename,
-  and `transformers` itself can check our numbers (tests/test_model.py does).
+  ..., `norm`, `lm_head`; QK-norm adds Qwen3's `q_norm` / `k_norm`), and RoPE
+  uses HF's convention. Export is then a key rename, and `transformers` itself
+  can check our numbers (tests/test_export.py does). Parts outside those
+  families get names in the same style (`embed_positions`, `key_scale`) and
+  save and load like the rest.
 - Attention goes through `F.scaled_dot_product_attention` (flash / memory-
   efficient kernels where available; the softmax runs inside it in fp32 or
   better). Grouped-query attention uses SDPA's `enable_gqa`, which repeats each
   key/value head for n_heads / n_kv_heads consecutive query heads, as HF does.
-- RMSNorm normalizes in fp32 and the RoPE tables are computed in fp32, so
-  bf16 autocast changes the matmuls and little else. Logits come back in the
-  compute dtype; `lm_loss` upcasts them to fp32.
-- The RoPE tables cover `context_length` positions and no more: a position the
-  model never saw in training is a clear error, not silent extrapolation.
-  (`generate` never asks for one; it slides its window instead.)
+- Position tables (RoPE) and learned position embeddings cover
+  `context_length` positions and no more: a position the model never saw in
+  training is a clear error, not silent extrapolation. (`generate` never asks
+  for one; it slides its window instead.)
 - The KV cache is preallocated (one (B, n_kv_heads, max_len, head_dim) tensor
   pair per layer) and the same `forward` serves training, prefill and decoding.
 """
@@ -30,41 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain; computed in fp32 like HF's LlamaRMSNorm."""
-
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def rope_tables(head_dim, length, theta, device=None):
-    """cos and sin of shape (length, head_dim) in fp32, laid out for rotate_half (HF's convention)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    positions = torch.arange(length, dtype=torch.float32, device=device)
-    freqs = torch.outer(positions, inv_freq)  # (length, head_dim / 2)
-    angles = torch.cat((freqs, freqs), dim=-1)  # both halves of a head rotate by the same angles
-    return angles.cos(), angles.sin()
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    """Rotate x of shape (B, heads, T, head_dim) by the angles of its T positions."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+from lmlab.layers import NORMS, RMSNorm, apply_rope, make_ffn, make_norm, rope_tables
 
 
 class KVCache:
@@ -98,27 +70,50 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads or config.n_heads
-        self.head_dim = config.d_model // config.n_heads
+        self.head_dim = config.head_dim or config.d_model // config.n_heads
         self.dropout = config.dropout
-        self.q_proj = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.d_model, q_dim, bias=config.bias)
+        self.k_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
+        self.v_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
+        self.o_proj = nn.Linear(q_dim, config.d_model, bias=config.bias)
+        # QK-norm as in Qwen3: one RMSNorm gain over head_dim, shared by all heads,
+        # applied to every head's query and key before RoPE.
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        # KeyNorm (Su, 2023): unit-length keys make q.k/|k| about as large as
+        # q.k/sqrt(head_dim) is for keys of norm sqrt(head_dim), so a scale of 1
+        # replaces 1/sqrt(head_dim); a learned scale (one per head) may sharpen it.
+        self.key_norm = config.key_norm
+        self.scale = (config.key_norm_scale or 1.0) if self.key_norm else None  # None: SDPA's 1/sqrt(head_dim)
+        learned_scale = self.key_norm and not config.key_norm_scale
+        self.key_scale = nn.Parameter(torch.ones(self.n_heads)) if learned_scale else None
 
-    def forward(self, x, cos, sin, kv_cache=None, layer=0, attn_mask=None):
+    def forward(self, x, rope=None, kv_cache=None, layer=0, attn_mask=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if self.key_norm:
+            k = F.normalize(k.float(), dim=-1).to(q.dtype)
+            if self.key_scale is not None:
+                q = q * self.key_scale.view(1, -1, 1, 1).to(q.dtype)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # Without a cache (training) or at the start of one, queries and keys
         # cover the same positions and is_causal is the mask. Otherwise the T
         # queries sit at the end of a longer key sequence: one query sees all
         # keys; a chunk needs `attn_mask`, because is_causal aligns the
-        # triangle to the top-left corner, not the bottom-right.
-        is_causal = attn_mask is None and T > 1
+        # triangle to the top-left corner, not the bottom-right. (is_causal must
+        # not depend on T: under torch.compile with dynamic shapes T > 1 is a
+        # symbolic bool, which SDPA rejects.)
+        is_causal = attn_mask is None and (kv_cache is None or kv_cache.pos == 0)
         if kv_cache is not None:
-            is_causal = is_causal and kv_cache.pos == 0
             k, v = kv_cache.update(layer, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may be kept in another dtype than autocast's
         y = F.scaled_dot_product_attention(
@@ -126,72 +121,92 @@ class Attention(nn.Module):
             attn_mask=attn_mask,
             is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
+    """Attention then feed-forward, each with its norm, pre-norm (Llama) or post-norm.
+
+    The norms keep HF's names in both orders: `input_layernorm` belongs to the
+    attention sublayer, `post_attention_layernorm` to the feed-forward one.
+    """
+
     def __init__(self, config):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = MLP(config)
+        self.post_attention_layernorm = make_norm(config)
+        self.mlp = make_ffn(config)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.post_norm = config.norm_position == "post"
 
-    def forward(self, x, cos, sin, kv_cache=None, layer=0, attn_mask=None):
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, layer, attn_mask))
-        x = x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
-        return x
+    def forward(self, x, rope=None, kv_cache=None, layer=0, attn_mask=None):
+        if self.post_norm:
+            # z = Norm(x + Attn(x)), y = Norm(z + FFN(z)): the residual stream
+            # itself is normalised after every sublayer (Vaswani et al., 2017).
+            x = self.input_layernorm(x + self.resid_dropout(self.self_attn(x, rope, kv_cache, layer, attn_mask)))
+            return self.post_attention_layernorm(x + self.resid_dropout(self.mlp(x)))
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, kv_cache, layer, attn_mask))
+        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         assert config.vocab_size > 0 and config.d_ff > 0, "resolve vocab_size and d_ff before building the model"
-        assert config.d_model % config.n_heads == 0 and (config.d_model // config.n_heads) % 2 == 0
         self.config = config
-        self.head_dim = config.d_model // config.n_heads
+        self.head_dim = config.head_dim or config.d_model // config.n_heads
         self.n_kv_heads = config.n_kv_heads or config.n_heads
+        assert config.head_dim or config.d_model % config.n_heads == 0
         assert config.n_heads % self.n_kv_heads == 0
 
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed_positions = None  # learned absolute positions (GPT-2's wpe), when model.position = learned
+        if config.position == "learned":
+            self.embed_positions = nn.Embedding(config.context_length, config.d_model)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
         # Non-persistent: derived from the config, so they stay out of checkpoints
         # (and out of the HF state dict, which has no such keys).
-        cos, sin = rope_tables(self.head_dim, config.context_length, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.rope = config.position == "rope"
+        if self.rope:
+            assert self.head_dim % 2 == 0, "RoPE rotates pairs of features: head_dim must be even"
+            cos, sin = rope_tables(self.head_dim, config.context_length, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
+        # One N(0, init_std) for every matrix, the tied one included. That is
+        # GPT-2's (and HF Llama / Qwen3's) choice for tied embeddings, and it
+        # suits tying because the output side is the one a tied matrix must
+        # get right: logits = Norm(h) E^T start with std ~ init_std * sqrt(d_model)
+        # (0.45 at d_model 512), i.e. near-uniform predictions and a first loss
+        # of about ln(vocab). The input side needs no larger scale: every
+        # sublayer reads the residual stream through a norm, which ignores its
+        # size. (Untied recipes that grow the embedding or shrink the head to
+        # ~0 cannot be applied to one shared tensor.)
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, NORMS):
                 nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, Attention) and module.key_scale is not None:
+                nn.init.ones_(module.key_scale)
         # Each block adds two branches (attention, MLP) to the residual stream.
         # With unscaled init the stream's variance grows with the number of
         # additions, 2 * n_layers; scaling the projections that write into it
@@ -216,15 +231,17 @@ class Transformer(nn.Module):
                 f"positions up to {end} requested, but the model's context_length is {self.config.context_length}; "
                 "crop the input to the last context_length tokens"
             )
-        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        rope = (self.rope_cos[start:end], self.rope_sin[start:end]) if self.rope else None
         attn_mask = None
         if kv_cache is not None and start > 0 and T > 1:
             # Query i (at position start + i) may see keys 0 .. start + i.
             attn_mask = torch.ones(T, end, dtype=torch.bool, device=input_ids.device).tril(diagonal=start)
 
         x = self.embed_tokens(input_ids)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(torch.arange(start, end, device=input_ids.device))
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, kv_cache, i, attn_mask)
+            x = block(x, rope, kv_cache, i, attn_mask)
         logits = self.lm_head(self.norm(x))
         if kv_cache is not None:
             kv_cache.pos = end
@@ -242,36 +259,54 @@ class Transformer(nn.Module):
         )
 
     def num_params(self, non_embedding=False):
-        """Parameter count; tied embeddings count once. non_embedding drops embed_tokens and lm_head."""
+        """Parameter count; tied embeddings count once. non_embedding drops the embeddings and lm_head."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         if non_embedding:
             n -= self.embed_tokens.weight.numel()
             if not self.config.tie_embeddings:
                 n -= self.lm_head.weight.numel()
+            if self.embed_positions is not None:
+                n -= self.embed_positions.weight.numel()
         return n
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token: 6N + 12 L d T (PaLM appendix B, nanoGPT's estimate_mfu).
 
         N counts the weights used in matmuls: everything but the embedding
-        lookup (the LM head is a matmul; a tied matrix counts once, as the head).
+        lookups (the LM head is a matmul; a tied matrix counts once, as the head).
         The attention term counts the full T x T score matrix, as PaLM does,
-        though causal kernels skip about half of it.
+        though causal kernels skip about half of it; d is the attention width
+        n_heads * head_dim (= d_model unless model.head_dim is set).
         """
         c = self.config
         seq_len = seq_len or c.context_length
         n = self.num_params()
         if not c.tie_embeddings:
             n -= self.embed_tokens.weight.numel()
-        return 6 * n + 12 * c.n_layers * c.d_model * seq_len
+        if self.embed_positions is not None:
+            n -= self.embed_positions.weight.numel()
+        return 6 * n + 12 * c.n_layers * c.n_heads * self.head_dim * seq_len
 
     def summary(self):
+        """One line: shape, then every architecture switch, then parameter counts."""
         c = self.config
         theta = f"{c.rope_theta:.0f}" if float(c.rope_theta).is_integer() else f"{c.rope_theta:g}"
+        position = {"rope": f"rope({theta})", "nope": "nope", "learned": "learned-pos"}[c.position]
+        norm = "no-norm" if c.norm == "none" else ("post-" if c.norm_position == "post" else "") + c.norm
+        switches = [position, c.ffn, norm]
+        if c.qk_norm:
+            switches.append("qk-norm")
+        if c.key_norm:
+            switches.append(f"key-norm({c.key_norm_scale:g})" if c.key_norm_scale else "key-norm(learned)")
+        if c.bias:
+            switches.append("bias")
+        if c.dropout:
+            switches.append(f"dropout{c.dropout:g}")
+        switches.append("tied" if c.tie_embeddings else "untied")
+        head_dim = f" hd{self.head_dim}" if c.head_dim and c.head_dim * c.n_heads != c.d_model else ""
         return (
-            f"Transformer {c.n_layers}L d{c.d_model} h{c.n_heads}/kv{self.n_kv_heads} ff{c.d_ff} "
-            f"ctx{c.context_length} vocab{c.vocab_size} rope({theta}) swiglu rmsnorm "
-            f"{'tied' if c.tie_embeddings else 'untied'} | "
+            f"Transformer {c.n_layers}L d{c.d_model} h{c.n_heads}/kv{self.n_kv_heads}{head_dim} ff{c.d_ff} "
+            f"ctx{c.context_length} vocab{c.vocab_size} {' '.join(switches)} | "
             f"{_human(self.num_params())} params, {_human(self.num_params(non_embedding=True))} non-embedding"
         )
 

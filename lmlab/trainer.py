@@ -22,19 +22,35 @@ from tqdm import tqdm
 from lmlab import atomic, run as rundir
 from lmlab.config import resolve_d_ff, total_steps, validate
 from lmlab.corpora import ensure_data
-from lmlab.data import Batches
+from lmlab.data import Batches, unigram_loss
 from lmlab.device import autocast, grad_scaler, resolve_device, resolve_precision
 from lmlab.errors import LmlabError
-from lmlab.generate import generate
+from lmlab.sampling import generate
 from lmlab.model import Transformer, lm_loss
 from lmlab.optim import build_optimizer, lr_at, set_lr
 from lmlab.report import plot_loss
 from lmlab.track import MetricsLog, write_summary
 
 
-def resolve_model_config(config, tokenizer):
-    """Fill in the model fields that follow from the tokenizer and the defaults."""
+def build_model(config, tokenizer):
+    """A fresh model (vocab and d_ff filled in from the tokenizer and defaults), or one from model.init_from.
+
+    With model.init_from, the architecture and weights come from the Hugging Face
+    folder; model.context_length and model.dropout stay as configured (training choices).
+    """
     m = config.model
+    if m.init_from:
+        from lmlab.export import load_hf_model
+
+        pretrained, _, hf_config = load_hf_model(m.init_from)
+        if tokenizer.vocab_size > hf_config.vocab_size:
+            raise LmlabError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model in {m.init_from} "
+                             f"only {hf_config.vocab_size} embeddings; use the folder's own tokenizer")
+        hf_config.context_length, hf_config.dropout, hf_config.init_from = m.context_length, m.dropout, m.init_from
+        config.model = hf_config
+        model = Transformer(hf_config)
+        model.load_state_dict(pretrained.state_dict())
+        return model
     if m.vocab_size == 0:
         m.vocab_size = tokenizer.vocab_size
     elif m.vocab_size < tokenizer.vocab_size:
@@ -44,6 +60,8 @@ def resolve_model_config(config, tokenizer):
         )
     m.d_ff = resolve_d_ff(m)
     m.n_kv_heads = m.n_kv_heads or m.n_heads
+    torch.manual_seed(config.train.seed)
+    return Transformer(m)
 
 
 @torch.no_grad()
@@ -82,8 +100,10 @@ def train(config, log=functools.partial(print, flush=True)):
         torch.set_num_threads(t.threads)
     device = resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
+    if config.model.init_from and not config.data.tokenizer:
+        config.data.tokenizer = config.model.init_from  # a pretrained model reads with its own tokenizer
     tokenizer, shards_dir = ensure_data(config.data, log=log)
-    resolve_model_config(config, tokenizer)
+    model = build_model(config, tokenizer).to(device)
     steps = total_steps(config)
     tokens_per_step = t.batch_size * t.grad_accum * config.model.context_length
 
@@ -92,13 +112,14 @@ def train(config, log=functools.partial(print, flush=True)):
     val_batches = Batches(shards_dir, "val", t.batch_size, config.model.context_length,
                           packing=config.data.packing, seed=t.seed).fixed(t.eval_batches)
 
-    torch.manual_seed(t.seed)
-    model = Transformer(config.model).to(device)
+    baseline = unigram_loss(train_batches, val_batches)
+
     run_dir = rundir.new_run_dir(config)
     rundir.save_config(run_dir, config)
     tokenizer.save(run_dir)
     log(f"run {run_dir}  device {device} {precision}  {steps} steps x {tokens_per_step:,} tokens")
     log(model.summary())
+    log(f"unigram baseline (no context) on the validation subset: {baseline:.4f}")
 
     optimizer = build_optimizer(model, o, device)
     scaler = grad_scaler(precision, device)
@@ -176,9 +197,9 @@ def train(config, log=functools.partial(print, flush=True)):
     write_summary(run_dir, {
         "status": status, "steps": done, "tokens": done * tokens_per_step, "elapsed_s": round(elapsed, 3),
         "final_val_loss": val_loss, "best_val_loss": best_val if math.isfinite(best_val) else None,
-        "final_train_loss": loss_value, "params": model.num_params(),
+        "final_train_loss": loss_value, "unigram_val_loss": baseline, "params": model.num_params(),
         "non_embedding_params": model.num_params(non_embedding=True),
-        "device": str(device), "precision": precision, "tokenizer": tokenizer.fingerprint,
+        "architecture": model.summary(), "device": str(device), "precision": precision, "tokenizer": tokenizer.fingerprint,
     })
     plot_loss(run_dir)
     if status == "completed":

@@ -96,6 +96,36 @@ def test_d_ff_defaults_to_eight_thirds_rounded_to_64():
     assert resolve_d_ff(config.model) == 1344
 
 
+@pytest.mark.parametrize("ffn", ["silu", "gelu"])
+def test_d_ff_defaults_to_four_d_model_for_two_matrix_mlps(ffn):
+    config = Config()
+    config.model.d_model, config.model.ffn = 512, ffn
+    assert resolve_d_ff(config.model) == 2048
+    config.model.d_ff = 1000
+    assert resolve_d_ff(config.model) == 1000
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.norm=batchnorm", "model.norm.*choose one of rmsnorm, layernorm, none"),
+    ("model.norm_position=middle", "choose one of pre, post"),
+    ("model.position=alibi", "choose one of rope, nope, learned"),
+    ("model.ffn=relu", "choose one of swiglu, silu, gelu"),
+    ("model.key_norm_scale=-1", "key_norm_scale must be >= 0"),
+    ("model.dropout=1.5", "dropout must lie in"),
+])
+def test_wrong_switch_values_are_errors(override, message):
+    with pytest.raises(LmlabError, match=message):
+        load_config(None, [override])
+
+
+def test_head_dim_frees_d_model_from_dividing_by_n_heads_and_rope_needs_it_even():
+    config = load_config(None, ["model.d_model=100", "model.n_heads=3", "model.head_dim=32"])
+    assert config.model.head_dim == 32
+    with pytest.raises(LmlabError, match="must be even for RoPE"):
+        load_config(None, ["model.head_dim=31"])
+    assert load_config(None, ["model.head_dim=31", "model.position=nope"]).model.head_dim == 31
+
+
 def test_max_tokens_converts_to_steps():
     config = load_config(None, ["train.max_tokens=1000000", "train.batch_size=8", "train.grad_accum=2",
                                 "model.context_length=128"])

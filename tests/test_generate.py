@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from lmlab.config import ModelConfig, resolve_d_ff
 from lmlab.errors import LmlabError
-from lmlab.generate import generate, generate_ids, sample_next
+from lmlab.sampling import generate, generate_ids, sample_next
 from lmlab.model import KVCache, Transformer
 
 

@@ -94,6 +94,21 @@ def test_parameter_names_follow_hf_llama_layout():
     assert set(model.state_dict()) == expected  # RoPE tables are not saved
 
 
+def test_switches_add_parameters_under_predictable_names():
+    names = lambda **switches: set(tiny_model(n_layers=1, **switches).state_dict())  # noqa: E731
+    llama = names()
+    assert names(qk_norm=True) - llama == {"layers.0.self_attn.q_norm.weight", "layers.0.self_attn.k_norm.weight"}
+    assert names(position="learned") - llama == {"embed_positions.weight"}
+    assert names(key_norm=True) - llama == {"layers.0.self_attn.key_scale"}
+    assert names(key_norm=True, key_norm_scale=4.0) == llama  # a fixed scale is not a parameter
+    assert names(bias=True) - llama == {name.replace(".weight", ".bias") for name in llama
+                                        if "proj" in name}
+    assert llama - names(ffn="silu") == {"layers.0.mlp.gate_proj.weight"}
+    assert llama - names(norm="none") == {"layers.0.input_layernorm.weight",
+                                          "layers.0.post_attention_layernorm.weight", "norm.weight"}
+    assert names(norm="layernorm", bias=True) >= {"norm.weight", "norm.bias", "layers.0.input_layernorm.bias"}
+
+
 # --- behaviour -----------------------------------------------------------------------
 
 
@@ -255,6 +270,11 @@ def test_torch_compile_forward_equals_eager_without_graph_breaks():
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break is an error
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-5, atol=1e-5)
+        # Dynamic shapes (what torch.compile switches to once it sees a second
+        # length, and remembers across processes): the sequence length is
+        # symbolic and must not leak into SDPA's is_causal flag.
+        dynamic = torch.compile(model, fullgraph=True, dynamic=True)
+        torch.testing.assert_close(dynamic(ids[:, :20]), model(ids[:, :20]), rtol=1e-5, atol=1e-5)
 
 
 def test_torch_compile_gradients_equal_eager():

@@ -39,8 +39,10 @@ def test_a_run_leaves_the_documented_run_directory(trained_run):
     assert summary["status"] == "completed" and summary["steps"] == 30 and summary["tokens"] == 30 * 8 * 64
     assert summary["final_val_loss"] == losses(run_dir, "val_loss")[-1]
     assert summary["best_val_loss"] == min(losses(run_dir, "val_loss"))
-    # 30 steps already beat a uniform guess over the 512-token vocabulary by a wide margin
+    # 30 steps already beat a uniform guess over the 512-token vocabulary by a wide margin,
+    # and come below the no-context (unigram) baseline
     assert summary["final_val_loss"] < math.log(512) - 1.0
+    assert summary["final_val_loss"] < summary["unigram_val_loss"]
     assert "## 'Once upon a time'" in (run_dir / "samples.md").read_text()
 
 
@@ -83,3 +85,19 @@ def test_variants_train_and_finish(tiny_overrides, extra):
     assert all(math.isfinite(x) for x in losses(run_dir))
     if "train.max_tokens=4096" in extra:
         assert summary["steps"] == 8 and summary["tokens"] == 4096
+
+
+def test_training_can_start_from_an_exported_hugging_face_folder(trained_run, tiny_overrides, tmp_path):
+    from lmlab.export import export_hf
+
+    hf_dir = export_hf(trained_run, tmp_path / "hf")
+    fresh_first = losses(trained_run)[0]
+    trained_last = losses(trained_run, "val_loss")[-1]
+    resumed = train(load_config(None, tiny_overrides + [f"model.init_from={hf_dir}", "train.max_steps=3",
+                                                        "model.d_model=32", "model.n_layers=1"]),
+                    log=lambda *_: None)
+    run = load_run(resumed)
+    assert run.config.model.d_model == 64 and run.config.model.n_layers == 2  # the folder's architecture wins
+    assert run.tokenizer.fingerprint == load_run(trained_run).tokenizer.fingerprint
+    first = losses(resumed)[0]
+    assert first < fresh_first - 1.0 and abs(first - trained_last) < 0.5

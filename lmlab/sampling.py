@@ -90,7 +90,10 @@ def generate_ids(
     model.eval()
     new_ids = []
     try:
-        cache = model.new_kv_cache(1, context_length) if use_cache else None
+        # Room for the whole sequence, up to the window: a model imported with a
+        # long context (e.g. 40960 positions) must not preallocate all of it.
+        cache_len = min(context_length, len(ids) + max_new_tokens)
+        cache = model.new_kv_cache(1, cache_len) if use_cache else None
         if cache is not None:
             logits = model(torch.tensor([ids], device=device), kv_cache=cache)
         for step in range(max_new_tokens):
