@@ -39,3 +39,22 @@ def write_text(path, text):
 def write_bytes(path, data):
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data)
+
+
+def write_tensors(save, obj, path):
+    """`save(obj, path)` for a safetensors writer (save_file, save_model); a failed write is an OSError.
+
+    safetensors reports a full disk or a missing permission as its own error type
+    ("... I/O error: No space left on device (os error 28)"); callers that handle
+    a disk that says no need the OSError it is.
+    """
+    import re
+
+    try:
+        save(obj, str(path))
+    except Exception as e:
+        found = re.search(r"os error (\d+)", str(e))
+        if type(e).__name__ != "SafetensorError" or not found:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None

@@ -1,13 +1,17 @@
 """The `lmlab` command: verbs -> functions. Argument parsing only, no logic.
 
-Expected mistakes (`LmlabError`) print one line and exit with status 2.
+Expected mistakes (`LmlabError`, and a disk that refuses a write: full,
+read-only, no permission) print one line and exit with status 2. A training
+run stopped by SIGINT / SIGTERM, after saving its checkpoint, exits with 130 / 143.
 """
 
 import argparse
+import errno
 import sys
 
 from lmlab.errors import LmlabError
 
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 EPILOG_OVERRIDES = "Any config key can follow as KEY=VALUE, e.g. optim.lr=3e-3 train.max_steps=5000."
 
 
@@ -19,11 +23,15 @@ def _add_config_args(parser):
 
 def cmd_train(args):
     from lmlab.config import load_config
+    from lmlab.resume import resume_config
 
-    config = load_config(args.config, args.overrides)  # config mistakes surface before torch is imported
+    # config mistakes surface before torch is imported
+    config = resume_config(args.resume, args.config, args.overrides) if args.resume else load_config(
+        args.config, args.overrides)
+    from lmlab.signals import exit_code
     from lmlab.trainer import train
 
-    train(config)
+    return exit_code(train(config))  # 0, or 130 / 143 when SIGINT / SIGTERM stopped the run
 
 
 def cmd_config(args):
@@ -77,6 +85,70 @@ def cmd_import(args):
     import_hf(args.hf_dir, args.run_dir, log=print)
 
 
+def cmd_runs(args):
+    from lmlab.runs import format_table, read_runs, runs_table
+
+    print(format_table(*runs_table(read_runs(args.dirs)), style=args.format))
+
+
+def cmd_compare(args):
+    from lmlab.report import compare
+
+    paths = compare(args.runs, out=args.out, x=args.x, metric=args.metric, logx=args.logx, logy=args.logy,
+                    smooth=args.smooth)
+    print(" ".join(str(p) for p in paths))
+
+
+def cmd_report(args):
+    from lmlab.html_report import write_report
+
+    html_path, md_path = write_report(args.dir, out=args.out)
+    print(f"{html_path} (open it in a browser) and {md_path}")
+
+
+def cmd_note(args):
+    from lmlab.runs import add_note
+
+    print(f"noted in {add_note(args.run, args.text)}")
+
+
+def cmd_schedule(args):
+    from lmlab.config import load_config
+    from lmlab.schedules import plot_schedule
+
+    config = load_config(args.config, args.overrides)
+    out = args.out or f"{config.name}-schedule.png"
+    for line in plot_schedule(config, out, n_steps=args.steps):
+        print(line)
+    print(f"-> {out}")
+
+
+def cmd_sweep(args):
+    from lmlab.sweep import run_sweep
+
+    run_sweep(args.config, args.overrides, grid=args.grid, random_items=args.random, n_trials=args.trials,
+              seed=args.seed, out=args.out, workers=args.workers, metric=args.metric, lr_scaling=args.lr_scaling,
+              log=lambda *parts: print(*parts, flush=True))
+
+
+def _int_list(text):
+    try:
+        return [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 4,8,16") from None
+
+
+def cmd_eval(args):
+    from lmlab.evals.runner import run_evals
+
+    run_evals(args.run, text=args.text, text_key=args.text_key, shards=args.shards, split=args.split, val=args.val,
+              probe=args.probe, probe_text=args.probe_text, lengths=args.lengths, samples=args.samples,
+              separator=args.separator, choice_sets=args.choice, fmt=args.format, style=args.style,
+              fewshot=args.fewshot, shots=args.shots, norm=args.norm, stride=args.stride, limit=args.limit,
+              seed=args.seed, device=args.device, precision=args.precision, out=args.out,
+              log=lambda *parts: print(*parts, flush=True))
+
+
 def build_parser():
     from lmlab import __version__
 
@@ -93,6 +165,9 @@ def build_parser():
                                 "model.ffn (swiglu, silu, gelu), model.qk_norm, model.key_norm, "
                                 "model.key_norm_scale, model.bias, model.tie_embeddings, model.n_kv_heads.")
     _add_config_args(p)
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue run directory RUN from its latest checkpoint (its config.toml, then any "
+                        "KEY=VALUE; model, data and batch keys cannot change)")
     p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser("config", help="print the resolved config, or every key with --keys",
@@ -155,20 +230,142 @@ def build_parser():
     p.add_argument("hf_dir", metavar="HF_DIR", help="local Hugging Face model folder")
     p.add_argument("run_dir", metavar="RUN_DIR", help="new run directory to create")
     p.set_defaults(func=cmd_import)
+
+    p = verbs.add_parser("runs", help="table of runs: status, steps, time, losses and the config keys that differ",
+                         description="One row per run: name, status, steps, tokens, training time, best and final "
+                                     "validation loss, tokens/s, then every config key in which the runs differ.")
+    p.add_argument("dirs", nargs="*", metavar="DIR", help="run directories or directories of runs (default: runs)")
+    p.add_argument("--format", choices=("text", "markdown", "tsv"), default="text", help="table format")
+    p.set_defaults(func=cmd_runs)
+
+    p = verbs.add_parser("compare", help="curves of several runs in one figure (PNG and SVG)",
+                         description="Draw a metric of several runs against steps, training time, tokens or "
+                                     "wall-clock time in one figure, written as PNG and SVG. A diverged run ends "
+                                     "in an X, a run that hit its target in a star.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or directories of runs)")
+    p.add_argument("--x", choices=("step", "time", "tokens", "wall"), default="step",
+                   help="x axis: step, time (training time), tokens, wall (wall-clock time, everything included)")
+    p.add_argument("--metric", default="val_loss",
+                   help="metric from metrics.jsonl: val_loss, loss, val_bpb, val_ppl, lr, grad_norm, tokens_per_s, mfu")
+    p.add_argument("--out", metavar="FILE", help="output file (.png; the .svg goes beside it); "
+                                                 "default compare-METRIC-X.png")
+    p.add_argument("--logx", action="store_true", help="log-scale x axis")
+    p.add_argument("--logy", action="store_true", help="log-scale y axis")
+    p.add_argument("--smooth", type=int, default=None, metavar="N",
+                   help="moving average over N points (default: about 1/25 of the curve for train loss, none else)")
+    p.set_defaults(func=cmd_compare)
+
+    p = verbs.add_parser("report", help="self-contained HTML experiment log (and a Markdown twin) of a runs directory",
+                         description="Write DIR/report.html (opens from disk, no server) and DIR/report.md: the "
+                                     "runs table, the curves on each clock, and per run its differing config keys, "
+                                     "notes and samples.")
+    p.add_argument("dir", metavar="DIR", help="directory of runs (or one run directory)")
+    p.add_argument("--out", metavar="FILE", help="HTML file to write (default DIR/report.html); report.md goes beside it")
+    p.set_defaults(func=cmd_report)
+
+    p = verbs.add_parser("note", help="add a dated note to a run (shown by lmlab report)",
+                         description="Append a dated line to RUN/notes.md; lmlab report shows a run's notes.")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("text", metavar="TEXT", help="the note, e.g. \"diverged at step 300: lr too high\"")
+    p.set_defaults(func=cmd_note)
+
+    p = verbs.add_parser("schedule", help="plot a config's learning-rate schedule (no training)",
+                         description="Plot the learning rate of a config over its run (and its context "
+                                     "curriculum) to a PNG, and print the values at the end of warmup, the end "
+                                     "of the stable phase (wsd) and the last step.", epilog=EPILOG_OVERRIDES)
+    _add_config_args(p)
+    p.add_argument("--out", metavar="FILE", help="PNG to write (default NAME-schedule.png)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="steps to draw; for a run bounded by train.max_time, the steps you expect to fit in it "
+                        "(default train.max_steps, or 1000)")
+    p.set_defaults(func=cmd_schedule)
+
+    p = verbs.add_parser("sweep", help="train over a grid or random samples of config values; table, best config, plots",
+                         description="Run one training per trial into OUT/runs/, one after another (or in "
+                                     "--workers processes), then write OUT/sweep.md (table sorted by --metric), "
+                                     "OUT/best.toml and OUT/plots/. Rerunning the same command skips finished trials. "
+                                     "Stop rules (train.target_val_loss, train.max_time, train.diverge_factor) "
+                                     "apply to every trial.",
+                         epilog=EPILOG_OVERRIDES + " They apply to every trial.")
+    _add_config_args(p)
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="values of a key to try (repeatable: the trials are the product), e.g. optim.lr=1e-3,3e-3")
+    p.add_argument("--random", action="append", default=[], metavar="KEY=DIST:LOW:HIGH",
+                   help="sample a numeric key: loguniform:LOW:HIGH or uniform:LOW:HIGH (repeatable; with --trials)")
+    p.add_argument("--trials", type=int, default=0, metavar="N", help="random draws (per grid point)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    p.add_argument("--out", required=True, metavar="DIR", help="sweep directory (created; reused to resume)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="trials at once, each in its own process (own GPU when there are several); default 1")
+    p.add_argument("--metric", default="best_val_loss",
+                   help="summary.json value to rank by, lower is better: best_val_loss (default), final_val_loss, "
+                        "time_to_target, steps_to_target, tokens_to_target, or a dotted key")
+    p.add_argument("--lr-scaling", choices=("linear", "sqrt"), default="",
+                   help="batch-size sweeps: scale optim.lr (and min_lr) by the trial's batch / the base batch, "
+                        "or its square root")
+    p.set_defaults(func=cmd_sweep)
+
+    p = verbs.add_parser("eval", help="perplexity / bits per byte, copy / reverse / history probes, multiple choice",
+                         description="Evaluate a run directory, one of its checkpoints, or a Hugging Face folder. "
+                                     "Each evaluation prints a table and writes RUN/evals/<name>.json (names: "
+                                     "text-<file>, shards-<split>, val, copy, reverse, history, choice-<set>); "
+                                     "probes also write RUN/evals/<name>.png. See docs/evals.md.")
+    p.add_argument("run", metavar="RUN", help="run directory, runs/NAME/checkpoints/step_N, or Hugging Face folder")
+    p.add_argument("--text", nargs="+", default=[], metavar="FILE",
+                   help="loss, perplexity and bits per byte of text / .jsonl files, per document and overall")
+    p.add_argument("--text-key", default="text", help="JSON field holding the text in .jsonl files")
+    p.add_argument("--shards", metavar="DIR", help="the same on a prepared shards directory (lmlab prepare)")
+    p.add_argument("--split", default="val", help="split of --shards to evaluate (default val)")
+    p.add_argument("--val", action="store_true",
+                   help="the run's own validation subset, exactly as training measures val_loss / val_bpb")
+    p.add_argument("--probe", nargs="+", default=[], choices=("copy", "reverse", "history"),
+                   help="working-memory probes: copy, reverse (random and meaningful sequences), history gain")
+    p.add_argument("--probe-text", nargs="+", default=[], metavar="FILE",
+                   help="text for meaningful probe sequences (default: the run's validation split)")
+    p.add_argument("--lengths", type=_int_list, metavar="N,N,...",
+                   help="probe sequence lengths (default 4 .. twice the context)")
+    p.add_argument("--samples", type=int, default=32, help="probe sequences per length (history: twice as many)")
+    p.add_argument("--separator", default=None, metavar="TEXT",
+                   help="text between a probe sequence and its copy (default: the end-of-text token)")
+    p.add_argument("--choice", nargs="+", default=[], metavar="FILE|SET",
+                   help="multiple-choice file (CSV / JSONL) or bundled set: mmlu, mmlu-dev, cmmlu, cmmlu-dev")
+    p.add_argument("--format", default="auto", choices=("auto", "mmlu", "cmmlu", "ceval", "arc", "hellaswag"),
+                   help="layout of the --choice file (default: detected)")
+    p.add_argument("--style", default="auto", choices=("auto", "letter", "cloze"),
+                   help="score the letters A-D after a lettered list (MMLU) or the answer texts (ARC, HellaSwag)")
+    p.add_argument("--fewshot", metavar="FILE", help="solved examples for --shots (bundled sets bring their dev split)")
+    p.add_argument("--shots", type=int, default=0, help="few-shot examples (multiple choice) or demonstrations (probes)")
+    p.add_argument("--norm", default="none", choices=("none", "chars", "tokens"),
+                   help="divide a choice's log-likelihood by its length in characters or tokens")
+    p.add_argument("--stride", type=int, default=None,
+                   help="sliding-window stride for text longer than the context (default: the context; probes: 1/8)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="at most N documents per --text file, N tokens of --shards, N items per subject, N probe samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the probe sequences")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"), help="autocast precision")
+    p.add_argument("--out", metavar="DIR", help="write the JSON / PNG files here instead of RUN/evals")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except LmlabError as e:
         print(f"lmlab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmlab: interrupted", file=sys.stderr)
         return 130
-    return 0
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        # the disk said no (full, read-only, no permission): one line; writes are atomic, nothing half-written
+        print(f"lmlab: error: {e.strerror}: {e.filename or 'while writing'}", file=sys.stderr)
+        return 2
+    return code or 0
 
 
 if __name__ == "__main__":

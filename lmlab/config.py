@@ -12,6 +12,8 @@ Design choices:
 
 import dataclasses
 import difflib
+import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,26 @@ from pathlib import Path
 import tomli_w
 
 from lmlab.errors import LmlabError
+
+# A length of time in seconds; config files and the command line may also say "90m", "1.5h", "1h30m".
+Duration = typing.NewType("Duration", float)
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value, key="duration"):
+    """Seconds from a number or a string like '90', '90s', '90m', '1.5h', '1h30m'."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*(\d+(\.\d*)?|\.\d+)\s*", value):
+        seconds = float(value)
+    elif isinstance(value, str) and re.fullmatch(r"((\d+(\.\d*)?|\.\d+)[smhd])+", value.strip().lower()):
+        parts = re.findall(r"(\d+(?:\.\d*)?|\.\d+)([smhd])", value.strip().lower())
+        seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    else:
+        raise LmlabError(f"config key '{key}' wants a duration (seconds, or like 90m, 1.5h, 1h30m), got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise LmlabError(f"config key '{key}' must be a duration >= 0, got {value!r}")
+    return seconds
 
 
 @dataclass
@@ -67,7 +89,14 @@ class OptimConfig:
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     min_lr: float = 1e-4  # learning rate at the last step
     warmup_steps: int = 100  # linear warmup from 0 to lr
-    schedule: str = "cosine"  # cosine: warmup then cosine decay to min_lr at the last step; constant: warmup then lr
+    schedule: str = "cosine"  # after warmup: cosine | linear (to min_lr at the end) | wsd | constant | plateau (see README)
+    progress: str = "auto"  # what the schedule runs on: steps, tokens, time (train.max_time); auto = the budget nearest its end
+    wsd_decay_fraction: float = 0.2  # wsd: share of the run, at its end, over which lr decays to min_lr (stable before)
+    wsd_decay_shape: str = "1-sqrt"  # wsd decay: 1-sqrt (Hagele et al. 2024), linear, cosine
+    plateau_factor: float = 0.5  # plateau: multiply lr by this when validation loss stops improving (floor min_lr)
+    plateau_patience: int = 2  # plateau: evaluations without improvement tolerated before a cut
+    plateau_threshold: float = 1e-3  # plateau: relative improvement that counts (val < best * (1 - threshold))
+    plateau_cooldown: int = 0  # plateau: evaluations to wait after a cut before counting again
     weight_decay: float = 0.1  # AdamW decoupled decay on matrices; never on norms or biases
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
@@ -96,6 +125,24 @@ class TrainConfig:
     sample_temperature: float = 0.8  # temperature of end-of-run samples
     sample_top_k: int = 50  # top-k of end-of-run samples (0 = off)
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    max_time: Duration = 0.0  # stop after this much training time: seconds, or "90m", "1.5h", "1h30m"; 0 = no limit
+    target_val_loss: float = 0.0  # stop at the first evaluation with validation loss <= this (status target_reached); 0 = off
+    diverge_factor: float = 3.0  # status diverged when the loss stays above this x min(best, first) loss (NaN/inf: at once); 0 = off
+    diverge_patience: int = 100  # steps the loss must stay above diverge_factor x best to count (spikes that recover do not)
+    context_schedule: str = ""  # context curriculum "64:0.3,128:0.6,256:1" (context until progress); tokens per step stay fixed
+    norms_every: int = 100  # steps between per-layer weight / gradient / activation norm records in metrics.jsonl; 0 = off
+    print_every: int = 0  # steps between status lines when stderr is no terminal (CI, SLURM logs); 0 = 20 per run
+    peak_tflops: float = 0.0  # device peak for MFU in TFLOP/s; 0 = the GPU table, or a measured matmul on CPU
+    tensorboard: bool = False  # also log to runs/NAME/tensorboard (pip install 'lmlab[tensorboard]')
+    wandb: bool = False  # also log to Weights & Biases (pip install 'lmlab[wandb]'; WANDB_MODE=offline works)
+    wandb_project: str = "lmlab"  # wandb project of the run
+    evals: list[str] = field(default_factory=list)  # run at validation time, into metrics.jsonl: copy, reverse, history, mmlu, cmmlu
+    evals_every: int = 0  # steps between train.evals (a multiple of train.eval_every); 0 = at every validation evaluation
+    checkpoint_every: int = 0  # steps between checkpoints in runs/NAME/checkpoints; 0 = off (one is still written at the end and on SIGINT / SIGTERM)
+    checkpoint_minutes: float = 30.0  # training minutes between checkpoints; 0 = off
+    keep_checkpoints: int = 2  # newest checkpoints kept; 0 = write none (the run cannot be resumed)
+    resume: str = ""  # a run directory to continue from its latest checkpoint, or "auto" = runs_dir/run_name if it exists
+    on_nonfinite: str = "stop"  # NaN/inf loss or gradients, caught before the update: stop (status diverged) or skip the batch
 
 
 @dataclass
@@ -149,6 +196,8 @@ def _field_type(section_cls, name):
 
 def _coerce(value, typ, key):
     """Check (and for strings from the command line, convert) a value to a field's type."""
+    if typ is Duration:
+        return parse_duration(value, key)
     origin = typing.get_origin(typ)
     if origin is list:
         if isinstance(value, str):
@@ -287,9 +336,12 @@ def validate(config):
         "model.position": (m.position, ("rope", "nope", "learned")),
         "model.ffn": (m.ffn, ("swiglu", "silu", "gelu")),
         "data.packing": (d.packing, ("concat", "document")),
-        "optim.schedule": (o.schedule, ("cosine", "constant")),
+        "optim.schedule": (o.schedule, ("cosine", "constant", "wsd", "linear", "plateau")),
+        "optim.progress": (o.progress, ("auto", "steps", "tokens", "time")),
+        "optim.wsd_decay_shape": (o.wsd_decay_shape, ("1-sqrt", "linear", "cosine")),
         "optim.fused": (o.fused, ("auto", "true", "false")),
         "train.precision": (t.precision, ("fp32", "bf16", "fp16", "auto")),
+        "train.on_nonfinite": (t.on_nonfinite, ("stop", "skip")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -303,6 +355,18 @@ def validate(config):
     for key, value in positive.items():
         if value <= 0:
             raise LmlabError(f"config key '{key}' must be positive, got {value}")
+    for key, value in {"train.norms_every": t.norms_every, "train.print_every": t.print_every,
+                       "train.peak_tflops": t.peak_tflops}.items():
+        if value < 0:
+            raise LmlabError(f"config key '{key}' must be >= 0 (0 = off / automatic), got {value}")
+    for key, value in {"train.checkpoint_every": t.checkpoint_every, "train.checkpoint_minutes": t.checkpoint_minutes,
+                       "train.keep_checkpoints": t.keep_checkpoints}.items():
+        if not value >= 0 or not math.isfinite(value):
+            raise LmlabError(f"config key '{key}' must be >= 0 (0 = off), got {value}")
+    for key, value in {"optim.lr": o.lr, "optim.min_lr": o.min_lr}.items():
+        if not math.isfinite(value) or value < 0 or (key == "optim.lr" and value == 0):
+            raise LmlabError(f"config key '{key}' must be a {'positive' if key == 'optim.lr' else 'non-negative'} "
+                             f"number, got {value}")
     if m.head_dim < 0:
         raise LmlabError(f"model.head_dim must be >= 0 (0 = d_model / n_heads), got {m.head_dim}")
     if not m.head_dim and m.d_model % m.n_heads:
@@ -321,8 +385,9 @@ def validate(config):
         raise LmlabError(f"model.key_norm_scale must be >= 0 (0 = learned), got {m.key_norm_scale}")
     if m.d_ff < 0 or m.vocab_size < 0:
         raise LmlabError("model.d_ff and model.vocab_size must be >= 0 (0 = derive them)")
-    if t.max_steps <= 0 and t.max_tokens <= 0:
-        raise LmlabError("set train.max_steps or train.max_tokens to a positive number")
+    if t.max_steps <= 0 and t.max_tokens <= 0 and t.max_time <= 0:
+        raise LmlabError("set train.max_steps, train.max_tokens or train.max_time to a positive number")
+    validate_schedule(config)
     if not 0 <= o.min_lr <= o.lr:
         raise LmlabError(f"optim.min_lr={o.min_lr} must lie between 0 and optim.lr={o.lr}")
     if o.warmup_steps < 0:
@@ -331,11 +396,47 @@ def validate(config):
         raise LmlabError("no training data: set data.corpus, data.train_files or data.shards")
     if not 0 < d.val_fraction < 1:
         raise LmlabError(f"data.val_fraction must lie strictly between 0 and 1, got {d.val_fraction}")
+    evals = ("copy", "reverse", "history", "mmlu", "cmmlu")  # train.evals (lmlab/evals/training.py)
+    for name in t.evals:
+        if name not in evals:
+            raise LmlabError(f"train.evals has '{name}'; choose from {', '.join(evals)}{_closest(name, list(evals))}")
+    if t.evals_every < 0 or (t.evals_every and t.eval_every and t.evals_every % t.eval_every):
+        raise LmlabError(f"train.evals_every={t.evals_every} must be 0 or a multiple of train.eval_every={t.eval_every} "
+                         "(the evals run at validation time)")
+
+
+def validate_schedule(config):
+    """The schedule, stop-rule and context-curriculum keys (lmlab/schedules.py, stops.py, curriculum.py)."""
+    from lmlab.curriculum import parse_context_schedule
+
+    o, t = config.optim, config.train
+    if o.progress in ("steps", "tokens") and t.max_steps <= 0 and t.max_tokens <= 0:
+        raise LmlabError(f"optim.progress={o.progress} needs train.max_steps or train.max_tokens "
+                         "(or use optim.progress=time with train.max_time)")
+    if o.progress == "time" and t.max_time <= 0:
+        raise LmlabError("optim.progress=time needs train.max_time (e.g. train.max_time=90m)")
+    if not 0 < o.wsd_decay_fraction <= 1:
+        raise LmlabError(f"optim.wsd_decay_fraction must lie in (0, 1], got {o.wsd_decay_fraction}")
+    if not 0 < o.plateau_factor < 1:
+        raise LmlabError(f"optim.plateau_factor must lie strictly between 0 and 1, got {o.plateau_factor}")
+    for key, value in {"optim.plateau_patience": o.plateau_patience, "optim.plateau_cooldown": o.plateau_cooldown,
+                       "optim.plateau_threshold": o.plateau_threshold, "train.target_val_loss": t.target_val_loss,
+                       "train.diverge_patience": t.diverge_patience}.items():
+        if value < 0:
+            raise LmlabError(f"config key '{key}' must be >= 0, got {value}")
+    if t.diverge_factor != 0 and t.diverge_factor <= 1:
+        raise LmlabError(f"train.diverge_factor must be > 1 (or 0 = only NaN/inf), got {t.diverge_factor}")
+    parse_context_schedule(t.context_schedule, config.model.context_length, t.batch_size)
 
 
 def total_steps(config):
-    """Optimizer steps of the run: max_tokens (when set) converted to steps, else max_steps."""
+    """Optimizer steps of the run: max_tokens (when set) converted to steps, else max_steps.
+
+    None when only train.max_time bounds the run (it stops on the clock).
+    """
     t, m = config.train, config.model
+    if t.max_tokens <= 0 and t.max_steps <= 0:
+        return None
     if t.max_tokens > 0:
         tokens_per_step = t.batch_size * t.grad_accum * m.context_length
         return max(1, -(-t.max_tokens // tokens_per_step))

@@ -381,6 +381,22 @@ def check_tokenizer(meta, tokenizer):
 # ---------------------------------------------------------------- reading batches
 
 
+REBUILD = "re-run lmlab prepare (or delete that cache directory to have it rebuilt)"
+
+
+def _load_shard(path, index=False):
+    """A memory-mapped shard (or its document index); a missing, truncated or foreign file is an LmlabError."""
+    try:
+        shard = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise LmlabError(f"shard {path} is missing: {REBUILD}") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise LmlabError(f"shard {path} is truncated or damaged ({e}): {REBUILD}") from None
+    if shard.ndim != 1 or shard.dtype not in ((np.int64,) if index else (np.uint16, np.uint32)):
+        raise LmlabError(f"shard {path} is not a token shard (shape {shard.shape}, {shard.dtype}): {REBUILD}")
+    return shard
+
+
 class Batches:
     """(x, y) micro-batches of one split; y is x shifted by one token.
 
@@ -404,7 +420,10 @@ class Batches:
         self.pad_id = meta["pad_id"]
         info = meta["splits"][split]
         directory = Path(meta["dir"])
-        self.shards = [np.load(directory / name, mmap_mode="r") for name in info["shards"]]
+        self.shards = [_load_shard(directory / name) for name in info["shards"]]
+        if sum(len(s) for s in self.shards) != info["tokens"]:
+            raise LmlabError(f"the {split} shards in {directory} hold {sum(len(s) for s in self.shards):,} tokens but "
+                             f"meta.json says {info['tokens']:,}; they were changed after lmlab prepare: {REBUILD}")
         self.tokens, self.documents, self.bytes = info["tokens"], info["documents"], info["bytes"]
         window = context_length + 1
         if packing == "concat":
@@ -416,7 +435,7 @@ class Batches:
         else:
             shard_of, begin, end = [], [], []
             for i, name in enumerate(info["shards"]):
-                starts = np.load(directory / name.replace(".npy", ".docs.npy"))
+                starts = _load_shard(directory / name.replace(".npy", ".docs.npy"), index=True)
                 shard_of.append(np.full(len(starts), i))
                 begin.append(starts)
                 end.append(np.append(starts[1:], len(self.shards[i])))

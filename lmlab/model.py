@@ -272,19 +272,17 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token: 6N + 12 L d T (PaLM appendix B, nanoGPT's estimate_mfu).
 
-        N counts the weights used in matmuls: everything but the embedding
-        lookups (the LM head is a matmul; a tied matrix counts once, as the head).
-        The attention term counts the full T x T score matrix, as PaLM does,
-        though causal kernels skip about half of it; d is the attention width
-        n_heads * head_dim (= d_model unless model.head_dim is set).
+        N counts the weights used in matmuls, i.e. those of the nn.Linear layers:
+        not the embedding lookups, norm gains or biases (the LM head is a matmul;
+        a tied matrix counts once, as the head). The attention term counts the
+        full T x T score matrix, as PaLM does, though causal kernels skip about
+        half of it; d is the attention width n_heads * head_dim (= d_model unless
+        model.head_dim is set). tests/test_track.py checks both terms against a
+        hand count and against torch's FlopCounterMode.
         """
         c = self.config
         seq_len = seq_len or c.context_length
-        n = self.num_params()
-        if not c.tie_embeddings:
-            n -= self.embed_tokens.weight.numel()
-        if self.embed_positions is not None:
-            n -= self.embed_positions.weight.numel()
+        n = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6 * n + 12 * c.n_layers * c.n_heads * self.head_dim * seq_len
 
     def summary(self):

@@ -1,20 +1,19 @@
-"""Optimizer and learning-rate schedule.
+"""Optimizer: AdamW and its parameter groups (schedules live in lmlab/schedules.py).
 
 Design choices:
 - AdamW from torch itself (fused kernel where the device has one), so the
   update rule is the reference one, not a re-implementation.
 - Weight decay only on matrices (dim >= 2: linear and embedding weights), never
   on norms' gains or biases: decaying a gain toward 0 fights the normalisation.
-- The schedule is a pure function of the step, so resuming needs no state:
-  linear warmup reaches `lr` exactly at the last warmup step, and cosine decay
-  reaches `min_lr` exactly at the last step of the run.
+- `lr_at` (re-exported from lmlab.schedules) gives a step-based schedule's
+  learning rate without building a run: linear warmup reaches `lr` exactly at
+  the last warmup step, and cosine decay reaches `min_lr` exactly at the last step.
 """
-
-import math
 
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.schedules import lr_at  # noqa: F401  (the schedule's value at a step, kept importable from here)
 
 
 def param_groups(model, weight_decay):
@@ -40,23 +39,6 @@ def build_optimizer(model, optim_cfg, device):
         )
     except RuntimeError as e:
         raise LmlabError(f"optim.fused=true is not supported on {device.type}: {e}") from None
-
-
-def lr_at(step, optim_cfg, total_steps):
-    """Learning rate for optimizer step `step` (0-based) of a run of `total_steps`."""
-    lr, min_lr, warmup = optim_cfg.lr, optim_cfg.min_lr, optim_cfg.warmup_steps
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if optim_cfg.schedule == "constant":
-        return lr
-    if optim_cfg.schedule != "cosine":
-        raise LmlabError(f"unknown optim.schedule '{optim_cfg.schedule}'")
-    decay_start = max(warmup - 1, 0)  # the step at which lr is at its peak
-    decay_steps = total_steps - 1 - decay_start
-    if decay_steps <= 0:
-        return lr
-    progress = min(1.0, (step - decay_start) / decay_steps)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def set_lr(optimizer, lr):

@@ -1,4 +1,21 @@
-"""Plots of a run's curves (the cross-run comparisons build on these)."""
+"""Curves: one run's loss plot, and several runs compared in one figure on any clock.
+
+Design choices:
+- The x axis is a clock: `step`, `tokens`, `time` (training time, elapsed_s:
+  evaluation and saving excluded, so runs with different eval schedules
+  compare) or `wall` (wall_s: everything included, what the GPU hours cost).
+- Train loss is noisy: it is drawn faint as measured with a trailing moving
+  average on top (`smooth` points; by default about 1/25 of the curve).
+  Validation curves are drawn as measured.
+- A run that diverged gets an X where its curve ends, one that hit its
+  target a star: the reasons curves stop are visible without the table.
+  Loss axes stop a little above the highest starting loss, so a run that
+  explodes does not flatten the others (its X sits on the top edge).
+- Every comparison is written as PNG (for Markdown, chat, papers) and SVG
+  (for the HTML report and zooming), atomically.
+- Legends name each run and, when there are few, the config keys in which
+  the runs differ (from runs.read_runs), so a figure explains itself.
+"""
 
 import math
 from pathlib import Path
@@ -7,9 +24,24 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display needed: files only
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from lmlab import atomic  # noqa: E402
+from lmlab.errors import LmlabError  # noqa: E402
 from lmlab.track import read_metrics  # noqa: E402
+
+CLOCKS = {"step": ("step", "step"), "tokens": ("tokens", "tokens"),
+          "time": ("elapsed_s", "training time"), "wall": ("wall_s", "wall-clock time")}
+LABELS = {"val_loss": "validation loss (nats/token)", "loss": "train loss (nats/token)",
+          "val_bpb": "validation bits per byte", "val_ppl": "validation perplexity", "lr": "learning rate",
+          "grad_norm": "gradient norm (before clipping)", "tokens_per_s": "tokens per second",
+          "mfu": "model FLOPs utilisation", "peak_mem_mb": "peak memory (MiB)"}
+TITLES = {"val_loss": "Validation loss", "loss": "Train loss", "val_bpb": "Validation bits per byte",
+          "val_ppl": "Validation perplexity"}
+LOSSES = ("loss", "val_loss", "val_bpb", "val_ppl")  # curves that start high: clipped at their starting value
+MAX_LEGEND_KEYS = 3
 
 
 def _finite(x):
@@ -38,3 +70,124 @@ def plot_loss(run_dir, out=None):
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return out
+
+
+def moving_average(values, n):
+    """Trailing mean over the last n values (fewer at the start)."""
+    values = np.asarray(values, dtype=np.float64)
+    if n <= 1 or len(values) < 2:
+        return values
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    index = np.arange(1, len(values) + 1)
+    start = np.maximum(index - n, 0)
+    return (sums[index] - sums[start]) / (index - start)
+
+
+def _time_scale(max_seconds):
+    if max_seconds >= 2 * 3600:
+        return 3600.0, "h"
+    if max_seconds >= 120:
+        return 60.0, "min"
+    return 1.0, "s"
+
+
+def _label(record):
+    keys = record.differing
+    if not keys or len(keys) > MAX_LEGEND_KEYS:
+        return record.label
+    values = ", ".join(f"{k.partition('.')[2] or k}={_short(v)}" for k, v in keys.items())
+    return f"{record.label} ({values})"
+
+
+def _short(value):
+    return f"{value:g}" if isinstance(value, float) else ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def compare_figure(records, x="step", metric="val_loss", logx=False, logy=False, smooth=None, title=None):
+    """A matplotlib figure of `metric` against the clock `x` for every run in `records` (runs.RunRecord)."""
+    if x not in CLOCKS:
+        raise LmlabError(f"unknown x axis '{x}'; choose one of {', '.join(CLOCKS)}")
+    key, clock_name = CLOCKS[x]
+    curves = [(r, r.series(metric, key)) for r in records]
+    if not any(points for _, points in curves):
+        available = sorted({k for r in records for e in r.events for k, v in e.items()
+                            if isinstance(v, (int, float)) and k not in ("step", "tokens", "elapsed_s", "wall_s")})
+        raise LmlabError(f"no run has '{metric}' against {x} in metrics.jsonl; metrics there: "
+                         f"{', '.join(available) or 'none'}")
+    scale, unit = (1.0, "")
+    if x in ("time", "wall"):
+        scale, unit = _time_scale(max(p[0] for _, points in curves for p in points) if curves else 0)
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    colors = plt.get_cmap("tab10" if len(records) <= 10 else "tab20").colors
+    ends = set()
+    firsts = [v for _, points in curves for v in [next((v for _, v in points if _finite(v)), None)] if v is not None]
+    cap = 1.05 * max(firsts) if metric in LOSSES and firsts and not logy and max(firsts) > 0 else math.inf
+    for i, (record, points) in enumerate(curves):
+        color = colors[i % len(colors)]
+        finite = [(px / scale, v) for px, v in points if _finite(v) and _finite(px)]
+        if not finite:
+            if points:  # measured, but never finite: say so rather than leave the run out silently
+                ax.plot([], [], "X", color=color, label=f"{_label(record)}: no finite value")
+            continue
+        xs, ys = map(np.asarray, zip(*finite))
+        window = smooth if smooth is not None else (max(1, round(len(ys) / 25)) if metric == "loss" else 1)
+        if window > 1:
+            ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(xs, moving_average(ys, window), color=color, label=_label(record), linewidth=1.6)
+        else:
+            style = "o-" if len(xs) <= 60 and metric.startswith("val") else "-"
+            ax.plot(xs, ys, style, color=color, label=_label(record), markersize=3.5, linewidth=1.4)
+        status, end = record.status, (xs[-1], min(ys[-1], cap))  # a marker above the cap sits on it
+        if status == "diverged" or len(finite) < len(points):
+            ax.plot(*end, "X", color=color, markersize=11, markeredgecolor="black", zorder=5, clip_on=False)
+            ends.add("diverged")
+        elif status == "target_reached":
+            ax.plot(*end, "*", color=color, markersize=15, markeredgecolor="black", zorder=5, clip_on=False)
+            ends.add("target_reached")
+
+    ax.set_xlabel(f"{clock_name} ({unit})" if unit else clock_name)
+    ax.set_ylabel(LABELS.get(metric, metric))
+    if x == "tokens":
+        ax.xaxis.set_major_formatter(EngFormatter())
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    elif math.isfinite(cap) and ax.get_ylim()[1] > cap:  # a diverging run would squash the others flat
+        low = min(v for _, points in curves for _, v in points if _finite(v))
+        ax.set_ylim(low - 0.05 * (cap - low), cap)
+    ax.set_title(title or f"{TITLES.get(metric, metric)} against {clock_name}")
+    ax.grid(alpha=0.3, which="both" if logy or logx else "major")
+    handles, labels = ax.get_legend_handles_labels()
+    for name, marker, size in (("diverged", "X", 9), ("target_reached", "*", 12)):
+        if name in ends:
+            handles.append(Line2D([], [], marker=marker, linestyle="", color="gray", markeredgecolor="black",
+                                  markersize=size))
+            labels.append(name.replace("_", " "))
+    ax.legend(handles, labels, fontsize=8 if len(records) > 5 else 9, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, out):
+    """Write `fig` as PNG and SVG (out's suffix picks the name of one; the other sits beside it)."""
+    out = Path(out)
+    base = out.with_suffix("") if out.suffix.lower() in (".png", ".svg") else out
+    paths = []
+    for suffix in (".png", ".svg"):
+        path = base.with_name(base.name + suffix)
+        with atomic.atomic_path(path) as tmp:
+            fig.savefig(tmp, format=suffix[1:])
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def compare(paths, out=None, x="step", metric="val_loss", logx=False, logy=False, smooth=None):
+    """Curves of the runs in `paths` (run directories or directories of runs) -> [png, svg] paths."""
+    from lmlab.runs import read_runs
+
+    records = read_runs(paths)
+    fig = compare_figure(records, x=x, metric=metric, logx=logx, logy=logy, smooth=smooth)
+    return save_figure(fig, out or f"compare-{metric}-{x}.png")

@@ -6,8 +6,12 @@
       model.safetensors   final weights, Hugging Face Llama parameter names
       metrics.jsonl       one JSON event per line (step, tokens, elapsed_s, ...)
       summary.json        status, final / best validation loss, steps, tokens, time
+      env.json            versions, device, threads, peak FLOP/s, git commit, command line
       samples.md          text generated at the end
       plots/loss.png      train and validation loss against step
+      notes.md            the user's dated notes (lmlab note), shown by lmlab report
+      tensorboard/, wandb/  the optional sinks' files (train.tensorboard, train.wandb)
+      evals/<name>.json   lmlab eval results (text-*, val, copy, reverse, history, choice-*), probes with a .png
 """
 
 import time
@@ -91,4 +95,4 @@ def save_weights(model, run_dir):
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     with atomic.atomic_path(Path(run_dir) / WEIGHTS) as tmp:
-        save_file(state, str(tmp))
+        atomic.write_tensors(save_file, state, tmp)  # a full disk is an OSError (one line from the CLI)

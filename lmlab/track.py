@@ -1,48 +1,177 @@
-"""The run's record: metrics.jsonl (one JSON object per event) and summary.json.
+"""The run's record: metrics.jsonl (one JSON object per event), summary.json and env.json.
 
-metrics.jsonl is appended line by line and flushed, so it survives a crash and
-can be tailed while training. Every event carries `step`, `tokens` and
-`elapsed_s` (training time, without evaluation, sampling or saving) so that
-curves can be drawn against steps, tokens or time.
+Design choices:
+- metrics.jsonl is appended line by line and flushed, so it survives a crash
+  and can be tailed while training. Every event carries `step`, `tokens`,
+  `elapsed_s` (training time, without evaluation, sampling or saving) and
+  `wall_s` (wall-clock seconds since the run started, everything included),
+  so curves can be drawn against steps, tokens, training time or wall time.
+- Kinds of events: train (loss, lr, grad_norm, tokens_per_s, mfu, peak_mem_mb),
+  validation (val_loss, val_ppl, val_bpb) and, now and then, "kind": "norms"
+  (see norms.py).
+- The local file is always written; optional sinks (TensorBoard, wandb, the
+  plain-log status line, see sinks.py) get a copy of every event. A sink that
+  fails is dropped with one warning; training goes on.
+- Readers tolerate a cut last line (a crash mid-write, or a run still being
+  written) and say so; a bad line anywhere else is corruption and an error.
+- JSON has no NaN / inf: they are written as strings ("nan") and read back as floats.
+- env.json records what a run ran on and from: versions, device, threads,
+  the git commit of the user's working directory, the command line.
 """
 
 import json
 import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import warnings
 from pathlib import Path
 
 from lmlab import atomic
+from lmlab.errors import LmlabError
+
+NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 def _clean(value):
-    """JSON has no NaN/inf: write them as strings a reader can still parse."""
+    """JSON has no NaN/inf: write them as strings a reader can still parse (nested values too)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+def _restore(value):
+    if isinstance(value, str) and value in NON_FINITE:
+        return NON_FINITE[value]
+    if isinstance(value, dict):
+        return {k: _restore(v) for k, v in value.items()}
     return value
 
 
 class MetricsLog:
-    def __init__(self, path):
+    """Appends events to metrics.jsonl (adding wall_s) and hands each to the sinks."""
+
+    def __init__(self, path, sinks=(), started=None):
         self.path = Path(path)
+        self.sinks = list(sinks)
+        self.started = time.perf_counter() if started is None else started  # a time.perf_counter() value
         self._file = open(self.path, "a", encoding="utf-8", buffering=1)
 
     def write(self, **event):
-        self._file.write(json.dumps({k: _clean(v) for k, v in event.items()}) + "\n")
+        if "wall_s" not in event:  # right after the clocks, for people reading the file
+            clocks = {k: event.pop(k) for k in ("step", "tokens", "elapsed_s") if k in event}
+            event = {**clocks, "wall_s": round(time.perf_counter() - self.started, 3), **event}
+        self._file.write(json.dumps(_clean(event)) + "\n")
+        for sink in list(self.sinks):
+            try:
+                sink.write(event)
+            except Exception as e:  # a broken dashboard must not stop training; the local file has it all
+                warnings.warn(f"metrics sink {type(sink).__name__} failed and is switched off: {e}", stacklevel=2)
+                self.sinks.remove(sink)
 
     def close(self):
         self._file.close()
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as e:
+                warnings.warn(f"closing metrics sink {type(sink).__name__} failed: {e}", stacklevel=2)
+        self.sinks = []
+
+
+def scan_metrics(path):
+    """(events, problem) of a metrics.jsonl file; problem is "" or says the last line was cut.
+
+    A last line that is not valid JSON is what a crash mid-write (or a run that is
+    writing right now) leaves: it is skipped and reported. A bad line before the
+    last one is an LmlabError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LmlabError(f"{path} does not exist: {path.parent} is not a run directory, or its run never started")
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    events, problem = [], ""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            if any(rest.strip() for rest in lines[number:]):
+                raise LmlabError(f"{path}:{number} is not valid JSON; the file is damaged") from None
+            problem = f"last line of {path.name} is cut (the run crashed mid-write, or is still writing)"
+            continue
+        if not isinstance(event, dict):
+            raise LmlabError(f"{path}:{number} is not a JSON object; the file is damaged")
+        events.append(_restore(event))
+    return events, problem
 
 
 def read_metrics(path):
-    """All events of a metrics.jsonl file, as dicts."""
-    events = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                events.append(json.loads(line))
-    return events
+    """All complete events of a metrics.jsonl file, as dicts (a cut last line is skipped)."""
+    return scan_metrics(path)[0]
 
 
 def write_summary(run_dir, summary):
-    summary = {k: _clean(v) for k, v in summary.items()}
-    atomic.write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic.write_text(Path(run_dir) / "summary.json", json.dumps(_clean(summary), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- environment record
+
+
+def _git(args, cwd):
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state(cwd=None):
+    """{'commit', 'dirty', 'root'} of the git repository holding cwd, or None outside one."""
+    cwd = cwd or os.getcwd()
+    commit = _git(["rev-parse", "HEAD"], cwd)
+    if not commit:
+        return None
+    status = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
+    return {"commit": commit, "dirty": bool(status), "root": _git(["rev-parse", "--show-toplevel"], cwd)}
+
+
+def _cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device=None, precision=None, **extra):
+    """What the run ran on and from, as a dict for env.json."""
+    import numpy
+    import tokenizers
+    import torch
+
+    from lmlab import __version__
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {
+        "lmlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "numpy": numpy.__version__, "tokenizers": tokenizers.__version__,
+        "platform": platform.platform(), "hostname": platform.node(), "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(), "gpus": gpus, "device": str(device) if device is not None else None,
+        "precision": precision, "threads": torch.get_num_threads(), **extra,
+        "git": git_state(), "cwd": os.getcwd(), "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_env(run_dir, **info):
+    """env.json in the run directory (see `environment` for the fields)."""
+    atomic.write_text(Path(run_dir) / "env.json", json.dumps(_clean(environment(**info)), indent=2) + "\n")

@@ -8,7 +8,11 @@ Design choices:
   every run with the same data and shape) so that runs compare.
 - `elapsed_s` counts training time only; evaluation, sampling and saving are
   excluded so that time-based curves compare across eval frequencies.
-- The loop synchronises with the device only at logging steps (`.item()`).
+- The loop synchronises with the device at logging steps (`.item()`) and once
+  per step for the non-finite check before the update (faults.py).
+- Checkpoints, resume, stop signals and non-finite steps live in their own
+  modules (checkpoint.py, resume.py, signals.py, faults.py); the loop only
+  calls them. A resumed run continues bit for bit (see resume.py).
 """
 
 import functools
@@ -27,9 +31,20 @@ from lmlab.device import autocast, grad_scaler, resolve_device, resolve_precisio
 from lmlab.errors import LmlabError
 from lmlab.sampling import generate
 from lmlab.model import Transformer, lm_loss
-from lmlab.optim import build_optimizer, lr_at, set_lr
+from lmlab.optim import build_optimizer, set_lr
+from lmlab import schedules
+from lmlab.curriculum import Curriculum
+from lmlab.stops import StopRules
 from lmlab.report import plot_loss
 from lmlab.track import MetricsLog, write_summary
+from lmlab import bpb, perf
+from lmlab.norms import NormProbe
+from lmlab.evals.training import TrainingEvals
+from lmlab.sinks import StatusLine, check_sinks, open_sinks
+from lmlab.track import write_env
+from lmlab import checkpoint, resume
+from lmlab.faults import NonFiniteGuard
+from lmlab.signals import StopSignals
 
 
 def build_model(config, tokenizer):
@@ -95,6 +110,8 @@ def write_samples(run_dir, model, tokenizer, config):
 def train(config, log=functools.partial(print, flush=True)):
     """Train a model as `config` says; returns the run directory."""
     validate(config)
+    check_sinks(config)  # a missing TensorBoard / wandb is reported before any work
+    wall_start = time.perf_counter()  # wall_s counts from here: setup, evaluation and saving included
     t, o = config.train, config.optim
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -102,8 +119,11 @@ def train(config, log=functools.partial(print, flush=True)):
     precision = resolve_precision(t.precision, device)
     if config.model.init_from and not config.data.tokenizer:
         config.data.tokenizer = config.model.init_from  # a pretrained model reads with its own tokenizer
+    resumed = resume.prepare(config, log=log)  # None for a new run; checks before any data work or writing
     tokenizer, shards_dir = ensure_data(config.data, log=log)
-    model = build_model(config, tokenizer).to(device)
+    if resumed:
+        resumed.check_data(shards_dir)  # the tokenizer and splits the run was trained on
+    model = (Transformer(config.model) if resumed and resumed.checkpoint else build_model(config, tokenizer)).to(device)
     steps = total_steps(config)
     tokens_per_step = t.batch_size * t.grad_accum * config.model.context_length
 
@@ -111,44 +131,77 @@ def train(config, log=functools.partial(print, flush=True)):
                             packing=config.data.packing, seed=t.seed)
     val_batches = Batches(shards_dir, "val", t.batch_size, config.model.context_length,
                           packing=config.data.packing, seed=t.seed).fixed(t.eval_batches)
+    curriculum = Curriculum(config, shards_dir, train_batches)  # train_batches itself unless train.context_schedule
+    schedule, run_progress = schedules.for_run(config, steps, tokens_per_step)  # lr = schedule.lr(step, progress)
+    stops = StopRules(t, tokens_per_step)  # max_time, target_val_loss, divergence
 
     baseline = unigram_loss(train_batches, val_batches)
+    val_tokens, val_bytes = bpb.count_targets(val_batches, bpb.token_byte_lengths(tokenizer))  # for val_bpb
+    flops_per_token = model.flops_per_token()
+    peak, peak_source = perf.peak_flops(device, precision, t.peak_tflops)  # for MFU
 
-    run_dir = rundir.new_run_dir(config)
+    run_dir = resumed.run_dir if resumed else rundir.new_run_dir(config)
     rundir.save_config(run_dir, config)
     tokenizer.save(run_dir)
-    log(f"run {run_dir}  device {device} {precision}  {steps} steps x {tokens_per_step:,} tokens")
+    write_env(run_dir, device=device, precision=precision, peak_flops=peak, peak_flops_source=peak_source,
+              flops_per_token=flops_per_token)
+    log(f"run {run_dir}  device {device} {precision}  {steps or 'time-bounded'} steps x {tokens_per_step:,} tokens"
+        + (f"  (at most {t.max_time:g}s of training)" if t.max_time else ""))
     log(model.summary())
     log(f"unigram baseline (no context) on the validation subset: {baseline:.4f}")
 
     optimizer = build_optimizer(model, o, device)
     scaler = grad_scaler(precision, device)
     step_fn = torch.compile(model) if t.compile else model
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", sinks=open_sinks(config, run_dir), started=wall_start)
+    norm_probe = NormProbe(model, t.norms_every)
+    train_evals = TrainingEvals(config, tokenizer, shards_dir, device, precision)  # train.evals; off by default
     status, best_val, val_loss, loss_value = "completed", math.inf, math.nan, math.nan
     elapsed, step = 0.0, 0
-    progress = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
+    checkpoints = checkpoint.Checkpointer(run_dir, config, train_batches.meta, log)  # every N steps / M minutes, end
+    guard = NonFiniteGuard(t.on_nonfinite, metrics, log)  # NaN/inf loss or gradients: stop, or skip the batch
+    stateful = {"schedule": schedule, "stops": stops, "nonfinite": guard}  # in checkpoints through state_dict()
+    start = 0
+    if resumed:  # weights, optimizer, RNGs and counters back in place; metrics.jsonl cut back to the checkpoint
+        start, elapsed, best_val, val_loss, loss_value = resumed.restore(
+            model, optimizer, scaler, metrics, checkpoints, stateful, log=log)
+    progress = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
                     disable=None)
     plain_log = progress.disable  # no terminal: print a compact line at evaluations instead
+    if plain_log:
+        metrics.sinks.append(StatusLine(log, steps, t.print_every))  # and a status line every print_every steps
 
     def run_eval(step_done):
         nonlocal best_val, val_loss
         val_loss = evaluate(step_fn, val_batches, precision, device)
         best_val = min(best_val, val_loss)
         metrics.write(step=step_done, tokens=step_done * tokens_per_step, elapsed_s=round(elapsed, 3),
-                      val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+                      val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)),
+                      val_bpb=bpb.bits_per_byte(val_loss, val_tokens, val_bytes))
+        if train_evals.due(step_done, steps):  # train.evals: probes / multiple choice (lmlab/evals/training.py)
+            metrics.write(step=step_done, tokens=step_done * tokens_per_step, elapsed_s=round(elapsed, 3),
+                          **train_evals.run(model))
+        schedule.observe_val_loss(val_loss)  # the plateau schedule reacts; the others ignore it
+        stops.observe_val_loss(step_done, val_loss, elapsed)  # target_val_loss, NaN
         line = f"step {step_done}/{steps}  loss {loss_value:.4f}  val_loss {val_loss:.4f}  {elapsed:.0f}s"
         (log if plain_log else progress.write)(line)
 
+    def save_checkpoint(step_done):
+        checkpoints.save(step_done, model, optimizer, scaler, metrics, stateful, tokens=step_done * tokens_per_step,
+                         elapsed_s=elapsed, best_val=best_val, val_loss=val_loss, loss=loss_value)
+
+    stop_signals = StopSignals(log).install()  # SIGINT / SIGTERM: finish the step, checkpoint, status interrupted
     try:
         window_start, window_tokens = time.perf_counter(), 0
-        for step in range(steps):
+        for step in range(start, steps or sys.maxsize):  # steps is None when only train.max_time bounds the run
             started = time.perf_counter()
-            lr = lr_at(step, o, steps)
+            run_p = run_progress(step, elapsed)  # share of the budget used, in [0, 1]
+            lr = schedule.lr(step, run_p)
             set_lr(optimizer, lr)
             loss_sum = torch.zeros((), device=device)
+            stage_batches = curriculum.at(run_p)
             for micro in range(t.grad_accum):
-                x, y = train_batches.get(step, micro)
+                x, y = stage_batches.get(step, micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast(precision, device):
                     logits = step_fn(x)
@@ -156,42 +209,63 @@ def train(config, log=functools.partial(print, flush=True)):
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)
+            norm_probe.capture_grads(step + 1)  # per-layer gradient norms before clipping, on norms steps only
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or math.inf)
-            scaler.step(optimizer)
+            verdict = guard.check(step + 1, loss_sum, grad_norm, scaler, (step + 1) * tokens_per_step, elapsed)
+            if verdict == "stop":  # NaN/inf: the weights stay those of the last good step
+                status, done = "diverged", step
+                break
+            if verdict == "ok":  # "skip": no update; the gradients are cleared below
+                scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             elapsed += time.perf_counter() - started
             window_tokens += tokens_per_step
             done = step + 1
 
-            if done % t.log_every == 0 or done == steps or done == 1:
+            if verdict == "ok" and (done % t.log_every == 0 or done == steps or done == 1):
                 loss_value = loss_sum.item()
                 now = time.perf_counter()
                 tokens_per_s = window_tokens / max(now - window_start, 1e-9)
                 window_start, window_tokens = now, 0
                 metrics.write(step=done, tokens=done * tokens_per_step, elapsed_s=round(elapsed, 3), lr=lr,
-                              loss=loss_value, grad_norm=float(grad_norm), tokens_per_s=round(tokens_per_s, 1))
+                              loss=loss_value, grad_norm=float(grad_norm), tokens_per_s=round(tokens_per_s, 1),
+                              mfu=perf.mfu(tokens_per_s, flops_per_token, peak), peak_mem_mb=perf.peak_memory_mb(device))
                 progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-                if not math.isfinite(loss_value):
-                    status = "diverged"
-                    log(f"loss is {loss_value} at step {done}: stopping (status diverged)")
-                    break
+                stops.observe_loss(done, loss_value, elapsed)  # NaN/inf or train.diverge_factor x best
             progress.update(1)
-            if t.eval_every and done % t.eval_every == 0 and done != steps:
+            if norm_probe.due(done):
+                probe_start = time.perf_counter()
+                metrics.write(step=done, tokens=done * tokens_per_step, elapsed_s=round(elapsed, 3), **norm_probe.event(x))
+                window_start += time.perf_counter() - probe_start  # keep the probe out of tokens/s
+            if t.eval_every and done % t.eval_every == 0 and done != steps and not stops.reason:
                 eval_start = time.perf_counter()
                 run_eval(done)
                 window_start += time.perf_counter() - eval_start  # keep eval out of tokens/s
+            stops.check_time(done, elapsed)
+            if stops.reason:  # a stop rule fired: diverged, target_reached or time_budget
+                status = stops.reason
+                log(stops.message)
+                break
+            if checkpoints.due(done, elapsed):
+                pause = time.perf_counter()
+                save_checkpoint(done)
+                window_start += time.perf_counter() - pause  # keep saving out of tokens/s
+            if stop_signals.requested:
+                status = "interrupted"
+                log(f"interrupted at step {done}")
+                break
         else:
             done = steps
-    except KeyboardInterrupt:
-        status = "interrupted"
-        done = step
-        log(f"interrupted at step {done}")
-    finally:
+        if status != "diverged":  # at the end, on a signal, on a stop rule; never over the last good one
+            save_checkpoint(done)
+    finally:  # a second Ctrl-C (KeyboardInterrupt) passes through: no checkpoint, the previous ones intact
         progress.close()
+        stop_signals.restore()
 
-    if status != "diverged" and done > 0:
+    if status != "diverged" and done > 0 and stops.last_eval_step != done:
         run_eval(done)
+    status = stops.final_status(status)  # e.g. the target reached at the final evaluation
     metrics.close()
     rundir.save_weights(model, run_dir)
     write_summary(run_dir, {
@@ -200,9 +274,11 @@ def train(config, log=functools.partial(print, flush=True)):
         "final_train_loss": loss_value, "unigram_val_loss": baseline, "params": model.num_params(),
         "non_embedding_params": model.num_params(non_embedding=True),
         "architecture": model.summary(), "device": str(device), "precision": precision, "tokenizer": tokenizer.fingerprint,
+        **stops.summary(),  # max_time_s, target (time to target), diverged_at
+        **guard.summary(), "signal": stop_signals.received,  # skipped_steps, nonfinite_at; SIGINT / SIGTERM
     })
     plot_loss(run_dir)
-    if status == "completed":
+    if status in ("completed", "target_reached", "time_budget"):
         model.eval()
         for part in write_samples(run_dir, model, tokenizer, config)[2:]:
             log(part.rstrip())
