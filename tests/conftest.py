@@ -39,12 +39,6 @@ def data_cache(tmp_path_factory):
 @pytest.fixture
 def tiny_overrides(small_corpus, data_cache, tmp_path):
     """KEY=VALUE overrides for a ~100k-parameter model trained for 30 steps on the small corpus."""
-    train, valid = small_corpus
-    return [
-        "data.corpus=", f"data.train_files={train}", f"data.val_files={valid}",
-        "data.tokenizer_vocab_size=512", f"data.cache_dir={data_cache}",
-        "model.context_length=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
-        "train.batch_size=8", "train.max_steps=30", "train.eval_every=10", "train.eval_batches=2",
-        "train.log_every=1", "train.sample_tokens=16", "optim.warmup_steps=5", "optim.lr=3e-3",
-        f"train.runs_dir={tmp_path / 'runs'}", "train.device=cpu",
-    ]
+    from evals_support import tiny_overrides as overrides
+
+    return overrides(small_corpus, data_cache, tmp_path / "runs")

@@ -7,7 +7,7 @@ from lmlab import load_config, train
 
 
 def tiny_overrides(small_corpus, data_cache, runs_dir):
-    """conftest's tiny_overrides (same data keys, so the same cached tokenizer and shards) for a given runs_dir."""
+    """KEY=VALUE overrides of the tiny 30-step run on the small corpus, shared by every test that trains one."""
     train_file, valid_file = small_corpus
     return [
         "data.corpus=", f"data.train_files={train_file}", f"data.val_files={valid_file}",

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from evals_support import tiny_overrides
 from lmlab import load_config, train
 from lmlab.cli import main
 from lmlab.errors import LmlabError
@@ -21,16 +22,8 @@ def quiet(*_):
 @pytest.fixture(scope="module")
 def ablation(small_corpus, data_cache, tmp_path_factory):
     """A tiny version of the CPU ablation set: the baseline and two switches, 30 steps each, in one directory."""
-    train_file, valid_file = small_corpus
     runs_dir = tmp_path_factory.mktemp("ablation")
-    base = [
-        "data.corpus=", f"data.train_files={train_file}", f"data.val_files={valid_file}",
-        "data.tokenizer_vocab_size=512", f"data.cache_dir={data_cache}",
-        "model.context_length=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
-        "train.batch_size=8", "train.max_steps=30", "train.eval_every=10", "train.eval_batches=2",
-        "train.log_every=1", "train.sample_tokens=16", "optim.warmup_steps=5", "optim.lr=3e-3",
-        f"train.runs_dir={runs_dir}", "train.device=cpu",
-    ]
+    base = tiny_overrides(small_corpus, data_cache, runs_dir)
     for name, switch in (("baseline", []), ("nonorm", ["model.norm=none"]), ("postnorm", ["model.norm_position=post"])):
         train(load_config(None, base + switch + [f"train.run_name={name}"]), log=quiet)
     return runs_dir

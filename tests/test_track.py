@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from evals_support import tiny_overrides
 from lmlab import load_config, train
 from lmlab.bpb import bits_per_byte, count_targets, token_byte_lengths
 from lmlab.config import ModelConfig
@@ -31,16 +32,8 @@ def quiet(*_):
 @pytest.fixture(scope="module")
 def runs(small_corpus, data_cache, tmp_path_factory):
     """Two 30-step runs, the same but for the norm probe (every 10 steps) and TensorBoard (when installed)."""
-    train_file, valid_file = small_corpus
     runs_dir = tmp_path_factory.mktemp("runs")
-    base = [
-        "data.corpus=", f"data.train_files={train_file}", f"data.val_files={valid_file}",
-        "data.tokenizer_vocab_size=512", f"data.cache_dir={data_cache}",
-        "model.context_length=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
-        "train.batch_size=8", "train.max_steps=30", "train.eval_every=10", "train.eval_batches=2",
-        "train.log_every=1", "train.sample_tokens=16", "optim.warmup_steps=5", "optim.lr=3e-3",
-        f"train.runs_dir={runs_dir}", "train.device=cpu",
-    ]
+    base = tiny_overrides(small_corpus, data_cache, runs_dir)
     lines = []
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     probed = train(load_config(None, base + ["train.run_name=probed", "train.norms_every=10", "train.print_every=10",
