@@ -120,17 +120,24 @@ def _text_documents(lines, eot):
         yield text, True
 
 
-def _jsonl_documents(path, lines, text_key):
-    for number, line in lines:
+def json_rows(path, numbered_lines):
+    """(line number, object) of each non-blank JSONL line; a bad line is an error naming file:line."""
+    for number, line in numbered_lines:
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise LmlabError(f"{path}:{number} is not valid JSON; a .jsonl file holds one JSON object per line") from None
-        if not isinstance(row, dict) or text_key not in row:
-            fields = ", ".join(row) if isinstance(row, dict) else "none (not an object)"
-            raise LmlabError(f"{path}:{number} has no {text_key!r} field (fields: {fields}); "
+        if not isinstance(row, dict):
+            raise LmlabError(f"{path}:{number} is not a JSON object")
+        yield number, row
+
+
+def _jsonl_documents(path, lines, text_key):
+    for number, row in json_rows(path, lines):
+        if text_key not in row:
+            raise LmlabError(f"{path}:{number} has no {text_key!r} field (fields: {', '.join(row)}); "
                              "set data.text_key / --text-key to the field holding the text")
         text = row[text_key]
         if text is not None and not isinstance(text, str):

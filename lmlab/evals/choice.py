@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmlab.data import json_rows
 from lmlab.errors import LmlabError
 from lmlab.evals.scoring import next_token_logprobs, score
 
@@ -185,16 +186,7 @@ def _csv_items(path, text):
 
 
 def _jsonl_rows(path, text):
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise LmlabError(f"{path}:{number} is not valid JSON; a .jsonl file holds one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise LmlabError(f"{path}:{number} is not a JSON object")
-        yield number, row
+    return json_rows(path, enumerate(text.splitlines(), start=1))
 
 
 def _need(path, number, row, *keys):
