@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from lmlab import atomic
+from lmlab.distributed import Parallel
 from lmlab.errors import LmlabError
 
 FORMAT = 1
@@ -167,22 +168,29 @@ def _jsonable(value):
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
-def save(run_dir, step, model, optimizer, scaler, state, stateful=None, keep=2):
+def save(run_dir, step, model, optimizer, scaler, state, stateful=None, keep=2, parallel=None):
     """Write checkpoints/step_NNNNNN atomically, point `latest` at it, keep the newest `keep`; returns its path.
 
     `state`: JSON-able counters (tokens, elapsed_s, losses, ...). `stateful`: {name: object with
     state_dict()} such as the LR schedule and the stop rules. Raises OSError when the disk says no;
-    nothing partial is left behind and the previous checkpoints are untouched.
+    nothing partial is left behind and the previous checkpoints are untouched. Under torchrun every
+    rank calls it (gathering the state is collective) and rank 0 writes; the others return None.
     """
     from safetensors.torch import save_file
 
+    parallel = parallel or Parallel()
+    weights = _weights(model, parallel.full_weights(model))
+    optimizer_state = parallel.full_optimizer_state(model, optimizer)
+    rngs = parallel.gather(rng_state())
+    if not parallel.is_main:
+        return None
     root = Path(run_dir) / DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        atomic.write_tensors(save_file, _weights(model), tmp / MODEL)
-        tensors, optimizer_part = _split_optimizer(optimizer.state_dict())
+        atomic.write_tensors(save_file, weights, tmp / MODEL)
+        tensors, optimizer_part = _split_optimizer(optimizer_state)
         atomic.write_tensors(save_file, tensors, tmp / OPTIMIZER)
         files = {}
         for name in (MODEL, OPTIMIZER):
@@ -191,7 +199,7 @@ def save(run_dir, step, model, optimizer, scaler, state, stateful=None, keep=2):
             files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
         record = {
             "format": FORMAT, "step": step, **{k: _jsonable(v) for k, v in state.items()},
-            "rng": rng_state(), "optimizer": optimizer_part, "scaler": scaler.state_dict(),
+            "rng": rngs[0], **({"rng_ranks": rngs} if len(rngs) > 1 else {}), "optimizer": optimizer_part, "scaler": scaler.state_dict(),
             "stateful": {name: obj.state_dict() for name, obj in (stateful or {}).items() if hasattr(obj, "state_dict")},
             "files": files,
         }
@@ -211,9 +219,10 @@ def save(run_dir, step, model, optimizer, scaler, state, stateful=None, keep=2):
     return final
 
 
-def _weights(model):
+def _weights(model, state=None):
     """The weights as the run's model.safetensors holds them: Hugging Face names, a tied matrix once."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if state is None:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_embeddings", False):
         state.pop("lm_head.weight", None)
     return state
@@ -320,16 +329,25 @@ def latest(run_dir, log=print):
     return None, None
 
 
-def load_into(path, state, model, optimizer, scaler, stateful=None, log=print):
-    """Put a verified checkpoint's weights, optimizer state, scaler, RNGs and stateful objects in place."""
+def load_into(path, state, model, optimizer, scaler, stateful=None, log=print, parallel=None):
+    """Put a verified checkpoint's weights, optimizer state, scaler, RNGs and stateful objects in place.
+
+    Under torchrun every rank loads the full state (FSDP keeps its own shard of it) and its own RNGs.
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
+    parallel = parallel or Parallel()
     try:
         weights = load_file(str(path / MODEL))
         if getattr(model.config, "tie_embeddings", False):
             weights.setdefault("lm_head.weight", weights.get("embed_tokens.weight"))
-        model.load_state_dict(weights, strict=True)
+        missing, unexpected = set(model.state_dict()) - set(weights), set(weights) - set(model.state_dict())
+        if missing or unexpected:
+            raise RuntimeError(f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        for name, value in model.state_dict().items():
+            if tuple(weights[name].shape) != tuple(value.shape):
+                raise RuntimeError(f"{name} has shape {tuple(weights[name].shape)}, the model {tuple(value.shape)}")
     except RuntimeError as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"checkpoint {path}: {MODEL} does not fit the model ({reason})") from None
@@ -342,7 +360,7 @@ def load_into(path, state, model, optimizer, scaler, stateful=None, log=print):
         raise CheckpointError(f"checkpoint {path}: {OPTIMIZER} cannot be read ({e})") from None
     configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
-        optimizer.load_state_dict(saved)
+        parallel.load_full_state(model, optimizer, weights, saved)
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path}: the optimizer state does not fit this model ({e})") from None
     for group, hyper in zip(optimizer.param_groups, configured):
@@ -352,7 +370,18 @@ def load_into(path, state, model, optimizer, scaler, stateful=None, log=print):
     for name, obj in (stateful or {}).items():
         if name in state.get("stateful", {}) and hasattr(obj, "load_state_dict"):
             obj.load_state_dict(state["stateful"][name])
-    set_rng_state(state["rng"], log=log)
+    set_rng_state(_rng_for(state, parallel, log), log=log)
+
+
+def _rng_for(state, parallel, log):
+    """This rank's RNG states; with another world size than the checkpoint's, rank 0's for all (noted)."""
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if len(ranks) == parallel.world_size:
+        return ranks[parallel.rank]
+    if parallel.is_main:
+        log(f"note: the checkpoint was written by {len(ranks)} process(es), this run has {parallel.world_size}: "
+            "data order and weights continue exactly, random draws (dropout) start from rank 0's state")
+    return ranks[0]
 
 
 # ---------------------------------------------------------------- when to save, and saving without dying
@@ -379,17 +408,19 @@ class Checkpointer:
         return bool(self.every and step % self.every == 0) or bool(
             self.seconds and elapsed - self.last_elapsed >= self.seconds)
 
-    def save(self, step, model, optimizer, scaler, metrics, stateful=None, **counters):
+    def save(self, step, model, optimizer, scaler, metrics, stateful=None, parallel=None, **counters):
         """Save at `step`; True when written. A failed write is logged (one line) and training goes on."""
         if not self.keep or step == self.last_step or step == 0:
             return False
         self.last_step, self.last_elapsed = step, counters.get("elapsed_s", 0.0)  # a failure waits for the next trigger
         from lmlab.config import to_dict
 
-        state = {**counters, "metrics_bytes": _metrics_bytes(metrics), "wall_s": _wall_s(metrics),
-                 "data": self.data, "config": to_dict(self.config)}
+        main = parallel is None or parallel.is_main
+        state = {**counters, "metrics_bytes": _metrics_bytes(metrics) if main else 0,
+                 "wall_s": _wall_s(metrics), "data": self.data, "config": to_dict(self.config)}
         try:
-            save(self.run_dir, step, model, optimizer, scaler, state, stateful=stateful, keep=self.keep)
+            save(self.run_dir, step, model, optimizer, scaler, state, stateful=stateful, keep=self.keep,
+                 parallel=parallel)
         except OSError as e:
             reason = e.strerror or str(e)
             if (self.run_dir / DIR / step_name(step)).is_dir():  # committed; `latest` or pruning failed after

@@ -133,6 +133,8 @@ class TrainConfig:
     norms_every: int = 100  # steps between per-layer weight / gradient / activation norm records in metrics.jsonl; 0 = off
     print_every: int = 0  # steps between status lines when stderr is no terminal (CI, SLURM logs); 0 = 20 per run
     peak_tflops: float = 0.0  # device peak for MFU in TFLOP/s; 0 = the GPU table, or a measured matmul on CPU
+    parallel: str = "auto"  # under torchrun: ddp, fsdp (FSDP2 sharding), none; auto = ddp with 2+ processes
+    dist_timeout: float = 600.0  # seconds any collective may wait for the other ranks before the job fails
     tensorboard: bool = False  # also log to runs/NAME/tensorboard (pip install 'lmlab[tensorboard]')
     wandb: bool = False  # also log to Weights & Biases (pip install 'lmlab[wandb]'; WANDB_MODE=offline works)
     wandb_project: str = "lmlab"  # wandb project of the run
@@ -341,6 +343,7 @@ def validate(config):
         "optim.wsd_decay_shape": (o.wsd_decay_shape, ("1-sqrt", "linear", "cosine")),
         "optim.fused": (o.fused, ("auto", "true", "false")),
         "train.precision": (t.precision, ("fp32", "bf16", "fp16", "auto")),
+        "train.parallel": (t.parallel, ("auto", "none", "ddp", "fsdp")),
         "train.on_nonfinite": (t.on_nonfinite, ("stop", "skip")),
     }
     for key, (value, allowed) in choices.items():
@@ -355,6 +358,8 @@ def validate(config):
     for key, value in positive.items():
         if value <= 0:
             raise LmlabError(f"config key '{key}' must be positive, got {value}")
+    if not t.dist_timeout > 0:
+        raise LmlabError(f"config key 'train.dist_timeout' must be a positive number of seconds, got {t.dist_timeout}")
     for key, value in {"train.norms_every": t.norms_every, "train.print_every": t.print_every,
                        "train.peak_tflops": t.peak_tflops}.items():
         if value < 0:

@@ -48,7 +48,7 @@ class NormProbe:
         """{group: L2 norm over its tensors}, computed on the device and synced once."""
         names, norms = [], []
         for group, ts in tensors.items():
-            ts = [t for t in ts if t is not None]
+            ts = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in ts if t is not None]  # FSDP shards
             if ts:
                 names.append(group)
                 norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in ts])))

@@ -164,23 +164,24 @@ class Resumed:
         if self.checkpoint is not None:
             _check_data(self.run_dir, self.state, shards_dir)
 
-    def restore(self, model, optimizer, scaler, metrics, checkpointer, stateful=None, log=print):
-        """State back in place, metrics.jsonl cut back, the resume recorded.
+    def restore(self, model, optimizer, scaler, metrics, checkpointer, stateful=None, log=print, parallel=None):
+        """State back in place, metrics.jsonl cut back (by rank 0), the resume recorded.
 
         Returns (step, elapsed_s, best_val, val_loss, loss) to continue from.
         """
         from lmlab.checkpoint import load_into
 
         state = self.state or {}
-        size = metrics.path.stat().st_size
-        keep = state.get("metrics_bytes", 0)
-        if size < keep:
-            log(f"warning: {metrics.path} is shorter than at the checkpoint ({size} < {keep} bytes); "
-                "some earlier events are missing from it")
-        os.truncate(metrics.path, min(size, keep))  # MetricsLog appends (O_APPEND): it writes at the new end
+        if metrics.path is not None:  # rank 0 (the other ranks of a torchrun job write no metrics)
+            size = metrics.path.stat().st_size
+            keep = state.get("metrics_bytes", 0)
+            if size < keep:
+                log(f"warning: {metrics.path} is shorter than at the checkpoint ({size} < {keep} bytes); "
+                    "some earlier events are missing from it")
+            os.truncate(metrics.path, min(size, keep))  # MetricsLog appends (O_APPEND): it writes at the new end
         if self.checkpoint is None:
             return 0, 0.0, math.inf, math.nan, math.nan
-        load_into(self.checkpoint, state, model, optimizer, scaler, stateful=stateful, log=log)
+        load_into(self.checkpoint, state, model, optimizer, scaler, stateful=stateful, log=log, parallel=parallel)
         step, elapsed = state["step"], state["elapsed_s"]
         if state.get("wall_s") is not None and hasattr(metrics, "started"):
             metrics.started = time.perf_counter() - state["wall_s"]  # wall_s goes on from the checkpoint's

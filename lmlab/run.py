@@ -87,11 +87,13 @@ def load_run(path, device="cpu"):
     return Run(path=path, config=config, model=model, tokenizer=tokenizer)
 
 
-def save_weights(model, run_dir):
-    """Final weights in safetensors (tied tensors stored once)."""
+def save_weights(model, run_dir, state=None):
+    """Final weights in safetensors (tied tensors stored once); `state` when they were gathered from ranks."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if state is None:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = dict(state)
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     with atomic.atomic_path(Path(run_dir) / WEIGHTS) as tmp:

@@ -84,6 +84,22 @@ class MetricsLog:
         self.sinks = []
 
 
+class NoMetrics:
+    """What the ranks other than 0 of a torchrun job log: nothing (rank 0 writes metrics.jsonl for all)."""
+
+    path = None
+
+    def __init__(self, started=None):
+        self.sinks = []
+        self.started = time.perf_counter() if started is None else started
+
+    def write(self, **event):
+        pass
+
+    def close(self):
+        pass
+
+
 def scan_metrics(path):
     """(events, problem) of a metrics.jsonl file; problem is "" or says the last line was cut.
 
