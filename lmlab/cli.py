@@ -163,7 +163,9 @@ def build_parser():
                                 "switches for ablations: model.norm (rmsnorm, layernorm, none), "
                                 "model.norm_position (pre, post), model.position (rope, nope, learned), "
                                 "model.ffn (swiglu, silu, gelu), model.qk_norm, model.key_norm, "
-                                "model.key_norm_scale, model.bias, model.tie_embeddings, model.n_kv_heads.")
+                                "model.key_norm_scale, model.bias, model.tie_embeddings, model.n_kv_heads. "
+                                "Several GPUs or processes: `torchrun --nproc_per_node=N -m lmlab train ...` "
+                                "(train.parallel=ddp or fsdp; train.grad_accum is split over the N ranks).")
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN",
                    help="continue run directory RUN from its latest checkpoint (its config.toml, then any "
