@@ -103,8 +103,8 @@ class Parallel:
         if grad_accum % self.world_size:
             raise LmlabError(f"train.grad_accum={grad_accum} cannot be split over {self.world_size} processes: the "
                              f"global batch must stay the same; use a multiple of {self.world_size} "
-                             f"(e.g. train.grad_accum={self.world_size * max(1, grad_accum // self.world_size)}) "
-                             "and divide train.batch_size to keep the tokens per step")
+                             f"(e.g. train.grad_accum={self.world_size * -(-grad_accum // self.world_size)}, "
+                             "with train.batch_size adjusted to keep the tokens per step)")
         return grad_accum // self.world_size
 
     def global_micro(self, micro, local_accum):

@@ -145,9 +145,9 @@ def _train(config, log, parallel):
     t, o = config.train, config.optim
     if t.threads:
         torch.set_num_threads(t.threads)
+    local_accum = parallel.local_accum(t.grad_accum)  # micro-batches on this rank; the global batch is fixed
     device = parallel.device(resolve_device(t.device))  # cuda:LOCAL_RANK under torchrun; the process group starts
     precision = resolve_precision(t.precision, device)
-    local_accum = parallel.local_accum(t.grad_accum)  # micro-batches on this rank; the global batch is fixed
     if config.model.init_from and not config.data.tokenizer:
         config.data.tokenizer = config.model.init_from  # a pretrained model reads with its own tokenizer
     resumed = resume.prepare(config, log=log)  # None for a new run; checks before any data work or writing

@@ -177,6 +177,33 @@ def no_accumulation(c):
     return Case(["train", *c.ov, "train.grad_accum=0"], ["config key 'train.grad_accum' must be positive, got 0"])
 
 
+def parallel_without_torchrun(c):
+    return Case(["train", *c.ov, "train.parallel=ddp"],
+                ["train.parallel=ddp needs a launch by torchrun, e.g. `torchrun --nproc_per_node=2 -m lmlab train"])
+
+
+@contextlib.contextmanager
+def launched_as_rank_0_of(world_size):
+    """torchrun's environment for rank 0 (no process group is started: the config is refused first)."""
+    keys = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size)}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def accumulation_not_divisible(c):
+    return Case(["train", *c.ov, "train.grad_accum=3"],
+                ["train.grad_accum=3 cannot be split over 2 processes: the global batch must stay the same; "
+                 "use a multiple of 2"], within=launched_as_rank_0_of(2))
+
+
 def empty_validation_split(c):
     (c.tmp / "empty-valid.txt").write_text("\n   \n")
     return Case(["train", *c.ov, f"data.val_files={c.tmp / 'empty-valid.txt'}"],
@@ -266,7 +293,7 @@ def full_disk(c):
 CASES = [corrupt_checkpoint, truncated_checkpoint, corrupt_state_json, incomplete_checkpoint, pickle_checkpoint,
          newest_checkpoint_damaged, tokenizer_changed, training_files_changed, model_shape_changed,
          context_longer_than_the_model, batch_changed_on_resume, negative_lr, non_numeric_lr, nan_lr,
-         no_accumulation, empty_validation_split, truncated_shard, read_only_run_directory, read_only_runs_directory,
+         no_accumulation, parallel_without_torchrun, accumulation_not_divisible, empty_validation_split, truncated_shard, read_only_run_directory, read_only_runs_directory,
          resume_missing_run, resume_not_a_run, resume_auto_without_a_name, resume_a_finished_run,
          resume_without_checkpoints, unknown_nonfinite_policy, negative_checkpoint_every, full_disk]
 
