@@ -8,8 +8,9 @@ Design choices:
   every run with the same data and shape) so that runs compare.
 - `elapsed_s` counts training time only; evaluation, sampling and saving are
   excluded so that time-based curves compare across eval frequencies.
-- The loop synchronises with the device at logging steps (`.item()`) and once
-  per step for the non-finite check before the update (faults.py).
+- No host-device sync inside a step: the loop reads the device at logging,
+  evaluation, norms and checkpoint steps only. The non-finite check before
+  each update stays on the device with fused AdamW (faults.py).
 - Checkpoints, resume, stop signals and non-finite steps live in their own
   modules (checkpoint.py, resume.py, signals.py, faults.py); the loop only
   calls them. A resumed run continues bit for bit (see resume.py).
@@ -253,7 +254,8 @@ def _train(config, log, parallel):
             scaler.unscale_(optimizer)
             norm_probe.capture_grads(step + 1)  # per-layer gradient norms before clipping, on norms steps only
             grad_norm = _full(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or math.inf))
-            verdict = guard.check(step + 1, loss_sum, grad_norm, scaler, (step + 1) * tokens_per_step, elapsed)
+            verdict = guard.check(step + 1, loss_sum, grad_norm, scaler, (step + 1) * tokens_per_step, elapsed,
+                                  optimizer)  # fused AdamW: "ok", the verdict stays on the device (no sync)
             if verdict == "stop":  # NaN/inf: the weights stay those of the last good step
                 status, done = "diverged", step
                 break
@@ -267,8 +269,16 @@ def _train(config, log, parallel):
                 elapsed, signalled = parallel.max([elapsed, float(signalled)])
             window_tokens += tokens_per_step
             done = step + 1
+            log_due = done % t.log_every == 0 or done == steps or done == 1
+            eval_due = t.eval_every and done % t.eval_every == 0 and done != steps
+            checkpoint_due = checkpoints.due(done, elapsed)
+            if guard.deferred and (log_due or eval_due or checkpoint_due or norm_probe.due(done) or signalled):
+                verdict, last_good = guard.settle()  # the device-side checks of the steps since the last look
+                if verdict == "stop":
+                    status, done = "diverged", last_good
+                    break
 
-            if verdict == "ok" and (done % t.log_every == 0 or done == steps or done == 1):
+            if verdict == "ok" and log_due:
                 loss_value = loss_sum.item()
                 now = time.perf_counter()
                 tokens_per_s = window_tokens / max(now - window_start, 1e-9)
@@ -287,7 +297,7 @@ def _train(config, log, parallel):
                 probe_start = time.perf_counter()
                 metrics.write(step=done, tokens=done * tokens_per_step, elapsed_s=round(elapsed, 3), **norm_probe.event(x))
                 window_start += time.perf_counter() - probe_start  # keep the probe out of tokens/s
-            if t.eval_every and done % t.eval_every == 0 and done != steps and not stops.reason:
+            if eval_due and not stops.reason:
                 eval_start = time.perf_counter()
                 run_eval(done)
                 window_start += time.perf_counter() - eval_start  # keep eval out of tokens/s
@@ -296,7 +306,7 @@ def _train(config, log, parallel):
                 status = stops.reason
                 log(stops.message)
                 break
-            if checkpoints.due(done, elapsed):
+            if checkpoint_due:
                 pause = time.perf_counter()
                 save_checkpoint(done)
                 window_start += time.perf_counter() - pause  # keep saving out of tokens/s
@@ -306,6 +316,10 @@ def _train(config, log, parallel):
                 break
         else:
             done = steps
+        if status != "diverged" and guard.deferred:  # a stop rule, the end: settle before the last checkpoint
+            verdict, last_good = guard.settle()
+            if verdict == "stop":
+                status, done = "diverged", last_good
         if status != "diverged":  # at the end, on a signal, on a stop rule; never over the last good one
             save_checkpoint(done)
     finally:  # a second Ctrl-C (KeyboardInterrupt) passes through: no checkpoint, the previous ones intact

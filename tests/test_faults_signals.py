@@ -67,6 +67,36 @@ def test_skip_drops_the_bad_batch_counts_it_and_goes_on(tiny_overrides, monkeypa
     assert checkpoint.verify(run_dir / "checkpoints" / "step_000020")["stateful"]["nonfinite"]["skipped"] == 1
 
 
+def test_between_logging_steps_the_check_stays_on_the_device_and_still_stops_before_the_update(tiny_overrides,
+                                                                                             monkeypatch):
+    """log_every=5: step 13 is NaN, the host learns it at step 15; steps 13-15 were never applied."""
+    nan_loss_at(monkeypatch, 13)
+    lines = []
+    run_dir = train(load_config(None, overrides(tiny_overrides, "train.run_name=nan-deferred", "train.log_every=5",
+                                                "train.checkpoint_every=4")), log=lines.append)
+    s = summary(run_dir)
+    assert s["status"] == "diverged" and s["steps"] == 12 and s["nonfinite_at"]["step"] == 13
+    assert any(line.startswith("non-finite loss at step 13: stopped before the update") for line in lines)
+    [event] = events(run_dir, "nonfinite")
+    assert event["step"] == 13 and math.isnan(event["values"]["loss"])
+    assert [s for s, _ in checkpoint.list_checkpoints(run_dir)] == [8, 12]  # none at 16
+    final = load_file(str(run_dir / "model.safetensors"))
+    at_12 = load_file(str(run_dir / "checkpoints" / "step_000012" / "model.safetensors"))
+    assert all(torch.equal(final[k], at_12[k]) for k in at_12)  # steps 13, 14, 15 changed nothing
+
+
+def test_skip_between_logging_steps_counts_the_batch_and_goes_on(tiny_overrides, monkeypatch):
+    nan_loss_at(monkeypatch, 13)
+    run_dir = train(load_config(None, overrides(tiny_overrides, "train.run_name=skip-deferred", "train.log_every=5",
+                                                "train.max_steps=20", "train.on_nonfinite=skip")), log=quiet)
+    s = summary(run_dir)
+    assert s["status"] == "completed" and s["steps"] == 20 and s["skipped_steps"] == 1
+    [event] = events(run_dir, "nonfinite")
+    assert event["step"] == 13 and event["action"] == "skip"
+    assert [k for k, _ in series(run_dir)] == [1, 5, 10, 15, 20]
+    assert all(math.isfinite(v) for _, v in series(run_dir))
+
+
 @pytest.fixture
 def fallback_handlers():
     """Harmless handlers under the trainer's own, so that a test that fails cannot kill or stop pytest."""
