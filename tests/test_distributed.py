@@ -157,6 +157,28 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(runs):
     assert_same_run(run_dir, found["single"], tol=1e-5)
 
 
+def test_sigterm_to_torchrun_checkpoints_every_rank_at_the_same_step_and_stops(runs):
+    """What SLURM does before a preemption: torchrun passes SIGTERM on; the ranks agree and save once."""
+    found, base = runs
+    run_dir = found["ddp"].parent / "preempted"
+    process = torchrun(["-m", "lmlab", "train", *base, "train.max_steps=100000", "train.eval_every=0",
+                        f"train.run_name={run_dir.name}"])
+    deadline = time.monotonic() + TIMEOUT
+    while not ((run_dir / "metrics.jsonl").exists() and series(run_dir)):  # training has begun
+        assert process.poll() is None and time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the job did not stop after SIGTERM")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    _, state = checkpoint.latest(run_dir)
+    assert state["step"] == summary["steps"] and len(state["rng_ranks"]) == 2
+
+
 FAILING_RANK = textwrap.dedent("""
     # Rank 1 raises in its 4th micro-batch loss (step 4): a crash on one machine of the job.
     import os, sys
