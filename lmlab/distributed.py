@@ -152,18 +152,18 @@ class Parallel:
 
     def sum(self, values):
         """Elementwise sums over ranks of a list of floats (validation loss totals and counts)."""
-        if not self.active:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.control)
-        return t.tolist()
+        return self._host_reduce(values, dist.ReduceOp.SUM)
 
     def max(self, values):
         """Elementwise maxima over ranks of a list of floats (clocks, stop flags, memory)."""
+        return self._host_reduce(values, dist.ReduceOp.MAX)
+
+    def _host_reduce(self, values, op):
+        """All-reduce of host floats over the CPU (gloo) group: no GPU sync."""
         if not self.active:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        dist.all_reduce(t, op=op, group=self.control)
         return t.tolist()
 
     def broadcast(self, obj):
