@@ -8,6 +8,7 @@ run stopped by SIGINT / SIGTERM, after saving its checkpoint, exits with 130 / 1
 import argparse
 import errno
 import sys
+import traceback
 
 from lmlab.errors import LmlabError
 
@@ -353,6 +354,21 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    try:
+        code = _run(args)
+    except Exception:
+        from lmlab import distributed
+
+        if not distributed.worker_started():
+            raise
+        traceback.print_exc()  # a failing rank: torchrun sees exit code 1 and ends the job
+        code = 1
+    from lmlab.distributed import end_worker
+
+    return end_worker(code)  # a torchrun worker exits here, skipping interpreter finalization (see there)
+
+
+def _run(args):
     try:
         code = args.func(args)
     except LmlabError as e:
