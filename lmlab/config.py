@@ -103,6 +103,7 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
     fused: str = "auto"  # fused AdamW kernel: auto (when the device supports it), true, false
+    name: str = "adamw"  # adamw (torch), adamw8bit (bitsandbytes' 8-bit AdamW; pip install bitsandbytes)
 
 
 @dataclass
@@ -115,7 +116,10 @@ class TrainConfig:
     eval_batches: int = 20  # micro-batches in the fixed validation subset
     log_every: int = 10  # steps between train-loss records in metrics.jsonl
     precision: str = "fp32"  # fp32, bf16 (autocast), fp16 (autocast + grad scaler); "auto" = bf16 on GPUs that have it
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (and the loss, which runs inside its forward)
+    attention: str = "sdpa"  # sdpa (torch picks flash / memory-efficient kernels), eager (plain ops), flash_attn, xformers (if installed)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
+    loss_chunk: int = 1024  # LM head + fp32 loss over this many rows at a time, never the full logits; 0 = all at once
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     seed: int = 1337  # seeds init, data order and sampling
     run_name: str = ""  # run directory name; "" = <preset>-<date>-<time>
@@ -342,6 +346,8 @@ def validate(config):
         "optim.progress": (o.progress, ("auto", "steps", "tokens", "time")),
         "optim.wsd_decay_shape": (o.wsd_decay_shape, ("1-sqrt", "linear", "cosine")),
         "optim.fused": (o.fused, ("auto", "true", "false")),
+        "optim.name": (o.name, ("adamw", "adamw8bit")),
+        "train.attention": (t.attention, ("sdpa", "eager", "flash_attn", "xformers")),
         "train.precision": (t.precision, ("fp32", "bf16", "fp16", "auto")),
         "train.parallel": (t.parallel, ("auto", "none", "ddp", "fsdp")),
         "train.on_nonfinite": (t.on_nonfinite, ("stop", "skip")),
@@ -361,7 +367,7 @@ def validate(config):
     if not t.dist_timeout > 0:
         raise LmlabError(f"config key 'train.dist_timeout' must be a positive number of seconds, got {t.dist_timeout}")
     for key, value in {"train.norms_every": t.norms_every, "train.print_every": t.print_every,
-                       "train.peak_tflops": t.peak_tflops}.items():
+                       "train.peak_tflops": t.peak_tflops, "train.loss_chunk": t.loss_chunk}.items():
         if value < 0:
             raise LmlabError(f"config key '{key}' must be >= 0 (0 = off / automatic), got {value}")
     for key, value in {"train.checkpoint_every": t.checkpoint_every, "train.checkpoint_minutes": t.checkpoint_minutes,

@@ -12,7 +12,16 @@ Design choices:
   `up_proj` / `down_proj` for W1 / W2, so every variant reads the same way.
 - RoPE uses HF's convention (rotate_half over the two halves of a head,
   inv_freq = theta^(-2i/d)); tables are fp32.
+- Attention has one entry point, `attend`, with interchangeable back-ends
+  (`train.attention`): PyTorch's SDPA (default; it picks flash / memory-
+  efficient kernels on GPU itself), an eager reference written out in plain
+  ops, and the optional flash-attn and xformers kernels. The optional ones
+  serve only the training shape (causal self-attention, no cache, no mask),
+  which is where their speed matters; anything else goes to SDPA.
 """
+
+import importlib
+import math
 
 import torch
 import torch.nn as nn
@@ -118,3 +127,72 @@ def make_ffn(config):
     if config.ffn == "gelu":
         return MLP(config, F.gelu)  # the exact (erf) GELU, HF's "gelu"
     raise ValueError(f"unknown ffn {config.ffn!r}")
+
+
+ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attn", "xformers")
+OPTIONAL_BACKENDS = {"flash_attn": "flash-attn", "xformers": "xformers"}  # back-end -> pip package
+
+
+def attend(q, k, v, backend="sdpa", is_causal=False, attn_mask=None, dropout_p=0.0, scale=None):
+    """Attention of q (B, heads, T, head_dim) over k, v (B, kv_heads, S, head_dim) -> (B, heads, T, head_dim).
+
+    Grouped-query attention: each key/value head serves heads / kv_heads
+    consecutive query heads (HF's repeat_kv). `attn_mask` (T, S) is True where
+    a query may look; `is_causal` aligns the triangle to the top-left corner
+    (used when T == S). `scale` None means 1/sqrt(head_dim).
+    """
+    fast_shape = is_causal and attn_mask is None  # causal self-attention over the same T positions
+    if backend == "flash_attn" and fast_shape:
+        return _flash_attn(q, k, v, dropout_p, scale)
+    if backend == "xformers" and fast_shape:
+        return _xformers(q, k, v, dropout_p, scale)
+    if backend == "eager":
+        return eager_attention(q, k, v, is_causal, attn_mask, dropout_p, scale)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
+def eager_attention(q, k, v, is_causal=False, attn_mask=None, dropout_p=0.0, scale=None):
+    """softmax(q k^T * scale + mask) v in plain PyTorch ops, softmax in fp32: the reference the kernels must match."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, heads, T, S)
+    if is_causal:
+        attn_mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p) if dropout_p else scores.softmax(dim=-1)
+    return probs.to(v.dtype) @ v
+
+
+def optional_module(backend, module=None):
+    """Import an optional attention package (or one of its modules); missing is an LmlabError saying what to install."""
+    from lmlab.errors import LmlabError
+
+    try:
+        return importlib.import_module(module or backend)
+    except ImportError as e:
+        raise LmlabError(f"train.attention={backend} needs the {OPTIONAL_BACKENDS[backend]} package, which could not "
+                         f"be imported ({e}): pip install {OPTIONAL_BACKENDS[backend]}, or use train.attention=sdpa"
+                         ) from None
+
+
+def _flash_attn(q, k, v, dropout_p, scale):
+    # flash-attn wants (B, T, heads, head_dim) and handles grouped-query heads itself.
+    flash_attn = optional_module("flash_attn")
+    y = flash_attn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                   dropout_p=dropout_p, softmax_scale=scale, causal=True)
+    return y.transpose(1, 2)
+
+
+def _xformers(q, k, v, dropout_p, scale):
+    # xformers wants (B, T, heads, head_dim); key/value heads are repeated for grouped-query attention.
+    ops = optional_module("xformers", "xformers.ops")
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    y = ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_bias=ops.LowerTriangularMask(), p=dropout_p, scale=scale)
+    return y.transpose(1, 2)

@@ -27,6 +27,13 @@ Design choices:
   for one; it slides its window instead.)
 - The KV cache is preallocated (one (B, n_kv_heads, max_len, head_dim) tensor
   pair per layer) and the same `forward` serves training, prefill and decoding.
+- `forward(ids, targets=y)` returns the training loss instead of logits, so
+  that the loss can skip the full logits: with `loss_chunk` set, the LM head
+  and an fp32 log-softmax run a chunk of rows at a time (`chunked_lm_loss`).
+- Speed switches that change no number are plain attributes set by
+  `lmlab.fastpaths.prepare_model`, not config fields of the model (they are
+  not part of the architecture and stay out of checkpoints and exports):
+  `loss_chunk`, `activation_checkpointing` and each attention's `backend`.
 """
 
 import math
@@ -34,9 +41,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lmlab.config import ModelConfig
-from lmlab.layers import NORMS, RMSNorm, apply_rope, make_ffn, make_norm, rope_tables
+from lmlab.layers import NORMS, RMSNorm, apply_rope, attend, make_ffn, make_norm, rope_tables
 
 
 class KVCache:
@@ -90,6 +98,7 @@ class Attention(nn.Module):
         self.scale = (config.key_norm_scale or 1.0) if self.key_norm else None  # None: SDPA's 1/sqrt(head_dim)
         learned_scale = self.key_norm and not config.key_norm_scale
         self.key_scale = nn.Parameter(torch.ones(self.n_heads)) if learned_scale else None
+        self.backend = "sdpa"  # train.attention: sdpa, eager, flash_attn, xformers (lmlab.layers.attend)
 
     def forward(self, x, rope=None, kv_cache=None, layer=0, attn_mask=None):
         B, T, _ = x.shape
@@ -116,14 +125,8 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may be kept in another dtype than autocast's
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=self.scale,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        y = attend(q, k, v, backend=self.backend, is_causal=is_causal, attn_mask=attn_mask,
+                   dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -182,6 +185,10 @@ class Transformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
+        # Speed switches (set by lmlab.fastpaths.prepare_model; the results do not change):
+        self.loss_chunk = 0  # rows of logits per chunk of the loss with targets; 0 = all at once
+        self.activation_checkpointing = False  # recompute each block's activations in backward
+
         self.init_weights()
 
     @torch.no_grad()
@@ -216,8 +223,12 @@ class Transformer(nn.Module):
             nn.init.normal_(block.self_attn.o_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=residual_std)
 
-    def forward(self, input_ids, kv_cache=None):
-        """Logits (B, T, vocab) for input_ids (B, T); with a cache, at positions cache.pos.. ."""
+    def forward(self, input_ids, kv_cache=None, targets=None):
+        """Logits (B, T, vocab) for input_ids (B, T); with a cache, at positions cache.pos.. .
+
+        With targets (B, T), the mean fp32 cross-entropy over targets that are
+        not -100 instead, i.e. lm_loss(logits, targets), chunked when loss_chunk > 0.
+        """
         B, T = input_ids.shape
         start = 0 if kv_cache is None else kv_cache.pos
         end = start + T
@@ -240,12 +251,24 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.embed_positions is not None:
             x = x + self.embed_positions(torch.arange(start, end, device=input_ids.device))
+        # Activation checkpointing keeps only each block's input for backward and
+        # recomputes the rest there: ~1/3 more compute for activation memory of
+        # one block instead of n_layers. Non-reentrant, RNG state preserved, so
+        # dropout masks and gradients are exactly those of the plain pass.
+        recompute = self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.layers):
-            x = block(x, rope, kv_cache, i, attn_mask)
-        logits = self.lm_head(self.norm(x))
+            if recompute:
+                x = checkpoint(block, x, rope, None, i, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, rope, kv_cache, i, attn_mask)
+        x = self.norm(x)
         if kv_cache is not None:
             kv_cache.pos = end
-        return logits
+        if targets is None:
+            return self.lm_head(x)
+        if self.loss_chunk:
+            return chunked_lm_loss(x, self.lm_head.weight, targets, self.loss_chunk)
+        return lm_loss(self.lm_head(x), targets)
 
     def new_kv_cache(self, batch_size, max_len=None, device=None, dtype=None):
         """An empty KVCache for up to max_len (default and at most context_length) positions."""
@@ -312,6 +335,72 @@ class Transformer(nn.Module):
 def lm_loss(logits, targets):
     """Mean cross-entropy in fp32 over targets that are not -100."""
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
+def chunked_lm_loss(hidden, weight, targets, chunk_rows):
+    """lm_loss(hidden @ weight.T, targets) without ever holding more than chunk_rows rows of logits.
+
+    The full logits of a step are large: (B*T, vocab) in fp32 is 1 GiB at
+    B*T = 8192 and a 32k vocabulary, plus the log-softmax that backward keeps.
+    Here the LM head and the fp32 log-softmax run one chunk of rows at a time,
+    and each chunk's gradient (softmax - one_hot) goes straight into the
+    gradients of `hidden` and `weight` during the forward pass (as Liger
+    Kernel's fused linear cross-entropy does), so no chunk's logits outlive
+    their iteration and backward has nothing to recompute. The matmuls follow
+    autocast like the plain LM head; log-softmax and loss are fp32.
+    """
+    hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedLMLoss.apply(hidden, weight, targets, chunk_rows)
+    loss_sum, count = _chunk_loop(hidden, weight, targets, chunk_rows)
+    return loss_sum / count
+
+
+def _chunk_loop(hidden, weight, targets, chunk_rows, grad_hidden=None, grad_weight=None):
+    """Summed loss and the number of counted targets; fills the (unnormalised) gradients when given buffers."""
+    keep = targets != -100
+    safe_targets = targets.clamp(min=0)  # ignored rows gather some logit; `keep` zeroes their loss and gradient
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        h, t, k = hidden[rows], safe_targets[rows, None], keep[rows]
+        logits = F.linear(h, weight).float()  # (rows, vocab)
+        lse = torch.logsumexp(logits, dim=-1)
+        loss_sum = loss_sum + torch.where(k, lse - logits.gather(1, t).squeeze(1), 0.0).sum()
+        if grad_hidden is None and grad_weight is None:
+            continue
+        # d loss_row / d logits_row = softmax(logits_row) - one_hot(target); 0 for ignored rows.
+        # Built in place in the logits buffer; the 1 / count of the mean comes at the end.
+        g = logits.sub_(lse[:, None]).exp_()
+        g.scatter_add_(1, t, torch.full_like(t, -1, dtype=g.dtype))
+        g.mul_(k[:, None])
+        if grad_hidden is not None:
+            grad_hidden[rows] = g @ weight
+        if grad_weight is not None:
+            grad_weight += g.T @ h
+    return loss_sum, keep.sum()
+
+
+class _ChunkedLMLoss(torch.autograd.Function):
+    """The loss of `chunked_lm_loss`, whose gradients are computed in forward and only scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        loss_sum, count = _chunk_loop(hidden, weight, targets, chunk_rows, grad_hidden, grad_weight)
+        if grad_hidden is not None:
+            grad_hidden.div_(count)
+        if grad_weight is not None:
+            grad_weight = grad_weight.div_(count).to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_loss,
+                None if grad_weight is None else grad_weight * grad_loss, None, None)
 
 
 def _human(n):

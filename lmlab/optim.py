@@ -3,6 +3,9 @@
 Design choices:
 - AdamW from torch itself (fused kernel where the device has one), so the
   update rule is the reference one, not a re-implementation.
+- `optim.name=adamw8bit` swaps in bitsandbytes' 8-bit AdamW (block-wise
+  quantised moments: 2 bytes of state per parameter instead of 8), imported
+  only when asked for; its absence is an LmlabError, not an ImportError.
 - Weight decay only on matrices (dim >= 2: linear and embedding weights), never
   on norms' gains or biases: decaying a gain toward 0 fights the normalisation.
 - `lr_at` (re-exported from lmlab.schedules) gives a step-based schedule's
@@ -28,6 +31,8 @@ def param_groups(model, weight_decay):
 
 
 def build_optimizer(model, optim_cfg, device):
+    if optim_cfg.name == "adamw8bit":
+        return adamw_8bit(model, optim_cfg)
     fused = {"auto": device.type in ("cuda", "cpu"), "true": True, "false": False}[optim_cfg.fused]
     try:
         return torch.optim.AdamW(
@@ -39,6 +44,24 @@ def build_optimizer(model, optim_cfg, device):
         )
     except RuntimeError as e:
         raise LmlabError(f"optim.fused=true is not supported on {device.type}: {e}") from None
+
+
+def adamw_8bit(model, optim_cfg):
+    """bitsandbytes' AdamW8bit with the same parameter groups and hyper-parameters as the torch one."""
+    if optim_cfg.fused == "true":
+        raise LmlabError("optim.fused=true applies to optim.name=adamw; bitsandbytes' 8-bit AdamW has its own kernels "
+                         "(leave optim.fused=auto)")
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise LmlabError(f"optim.name=adamw8bit needs bitsandbytes, which could not be imported ({e}): "
+                         "pip install bitsandbytes, or use optim.name=adamw") from None
+    return bitsandbytes.optim.AdamW8bit(
+        param_groups(model, optim_cfg.weight_decay),
+        lr=optim_cfg.lr,
+        betas=(optim_cfg.beta1, optim_cfg.beta2),
+        eps=optim_cfg.eps,
+    )
 
 
 def set_lr(optimizer, lr):

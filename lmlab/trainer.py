@@ -36,7 +36,8 @@ from lmlab.data import Batches, FixedBatches, unigram_loss
 from lmlab.device import autocast, grad_scaler, resolve_device, resolve_precision
 from lmlab.errors import LmlabError
 from lmlab.sampling import generate
-from lmlab.model import Transformer, lm_loss
+from lmlab.fastpaths import prepare_model
+from lmlab.model import Transformer
 from lmlab.optim import build_optimizer, set_lr
 from lmlab import schedules
 from lmlab.curriculum import Curriculum
@@ -90,6 +91,7 @@ def build_model(config, tokenizer):
 def evaluate(model, batches, precision, device, parallel=None):
     """Mean validation loss over the fixed validation subset (over every rank's share of it under torchrun).
 
+    `model(x, targets=y)` gives the loss (the training step's own, chunked, compiled path).
     Every rank runs the same number of forward passes (a rank with fewer batches repeats one and
     does not count it): FSDP gathers weights collectively in each forward.
     """
@@ -104,10 +106,10 @@ def evaluate(model, batches, precision, device, parallel=None):
         x, y = own[min(i, len(own) - 1)]
         x, y = x.to(device), y.to(device)
         with autocast(precision, device):
-            logits = model(x)
+            loss = model(x, targets=y)
         if i < len(own):
             n = int((y != -100).sum())
-            total += lm_loss(logits, y).item() * n
+            total += loss.item() * n
             count += n
     model.train()
     total, count = parallel.sum([total, count])
@@ -191,7 +193,7 @@ def _train(config, log, parallel):
     forward_model = parallel.wrap(model)  # DDP around the model, or the model sharded in place (FSDP)
     optimizer = build_optimizer(model, o, device)  # after sharding: FSDP's optimizer holds only this rank's shard
     scaler = grad_scaler(precision, device)
-    step_fn = torch.compile(forward_model) if t.compile else forward_model
+    step_fn = prepare_model(forward_model, config, device, precision)  # fast paths: loss = step_fn(x, targets=y)
     metrics = (MetricsLog(run_dir / "metrics.jsonl", sinks=open_sinks(config, run_dir), started=wall_start)
                if parallel.is_main else NoMetrics(started=wall_start))
     norm_probe = NormProbe(model, t.norms_every)
@@ -213,7 +215,7 @@ def _train(config, log, parallel):
 
     def run_eval(step_done):
         nonlocal best_val, val_loss
-        val_loss = evaluate(step_fn, val_batches, precision, device, parallel)
+        val_loss = evaluate(step_fn.model, val_batches, precision, device, parallel)
         best_val = min(best_val, val_loss)
         metrics.write(step=step_done, tokens=step_done * tokens_per_step, elapsed_s=round(elapsed, 3),
                       val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)),
@@ -245,9 +247,7 @@ def _train(config, log, parallel):
                 x, y = stage_batches.get(step, parallel.global_micro(micro, local_accum))
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with parallel.gradient_sync(forward_model, last=micro == local_accum - 1):  # no_sync until the last
-                    with autocast(precision, device):
-                        logits = step_fn(x)
-                    loss = lm_loss(logits, y) / local_accum
+                    loss = step_fn(x, targets=y) / local_accum  # autocast inside; fp32 loss, chunked by default
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             loss_sum = parallel.mean(loss_sum)  # the global batch's loss, the same on every rank

@@ -180,20 +180,21 @@ def test_sigterm_to_torchrun_checkpoints_every_rank_at_the_same_step_and_stops(r
 
 
 FAILING_RANK = textwrap.dedent("""
-    # Rank 1 raises in its 4th micro-batch loss (step 4): a crash on one machine of the job.
+    # Rank 1 raises in its 4th training forward (step 4): a crash on one machine of the job.
     import os, sys
-    import lmlab.trainer as trainer
     from lmlab.cli import main
+    from lmlab.model import Transformer
 
-    real, calls = trainer.lm_loss, [0]
+    real, calls = Transformer.forward, [0]
 
-    def lm_loss(logits, y):
-        calls[0] += 1
-        if os.environ["RANK"] == "1" and calls[0] == 4:
-            raise RuntimeError("rank 1 lost its GPU")
-        return real(logits, y)
+    def forward(self, input_ids, kv_cache=None, targets=None):
+        if targets is not None and self.training:
+            calls[0] += 1
+            if os.environ["RANK"] == "1" and calls[0] == 4:
+                raise RuntimeError("rank 1 lost its GPU")
+        return real(self, input_ids, kv_cache=kv_cache, targets=targets)
 
-    trainer.lm_loss = lm_loss
+    Transformer.forward = forward
     sys.exit(main(sys.argv[1:]))
 """)
 

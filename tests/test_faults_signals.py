@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from ckpt_support import events, quiet, same_weights, series
-from lmlab import checkpoint, load_config, train, trainer
+from lmlab import checkpoint, load_config, train
 from lmlab.cli import main
+from lmlab.model import Transformer
 
 
 def overrides(tiny_overrides, *extra):
@@ -19,17 +20,17 @@ def overrides(tiny_overrides, *extra):
 
 def nan_loss_at(monkeypatch, step):
     """Make the training loss NaN at optimizer step `step` (grad_accum 1), as a bad batch would."""
-    real, calls = trainer.lm_loss, {"n": 0}
+    real, calls = Transformer.forward, {"n": 0}
 
-    def lm_loss(logits, targets):
-        loss = real(logits, targets)
-        if logits.requires_grad:  # training, not evaluation
+    def forward(self, input_ids, kv_cache=None, targets=None):
+        out = real(self, input_ids, kv_cache=kv_cache, targets=targets)
+        if targets is not None and self.training:  # the training loss, not evaluation
             calls["n"] += 1
             if calls["n"] == step:
-                return loss * math.nan
-        return loss
+                return out * math.nan
+        return out
 
-    monkeypatch.setattr(trainer, "lm_loss", lm_loss)
+    monkeypatch.setattr(Transformer, "forward", forward)
 
 
 def summary(run_dir):
