@@ -55,7 +55,7 @@ def cmd_prepare(args):
     from lmlab.tokenizer import Tokenizer
 
     meta = prepare(args.files, Tokenizer.load(args.tokenizer), args.out, val_files=args.val or (),
-                   val_fraction=args.val_fraction, text_key=args.text_key)
+                   val_fraction=args.val_fraction, text_key=args.text_key, workers=args.workers)
     counts = ", ".join(f"{split}: {info['tokens']:,} tokens in {info['documents']:,} documents"
                        for split, info in meta["splits"].items())
     print(f"{counts} -> {args.out}")
@@ -201,6 +201,8 @@ def build_parser():
     p.add_argument("--val", nargs="+", metavar="FILE", help="validation files (default: hold out --val-fraction)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for validation")
     p.add_argument("--text-key", default="text", help="JSON field holding the text in .jsonl files")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="processes that tokenize, one core each (default 0: every core); the shards are the same")
     p.set_defaults(func=cmd_prepare)
 
     p = verbs.add_parser("generate", help="sample text from a trained run",

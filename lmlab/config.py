@@ -82,6 +82,7 @@ class DataConfig:
     cache_dir: str = ""  # where built tokenizers and shards are cached; "" = $LMLAB_CACHE or ~/.cache/lmlab
     packing: str = "concat"  # concat: random windows over joined documents; document: one document per row, padded
     text_key: str = "text"  # field holding the text in .jsonl files
+    workers: int = 0  # processes that tokenize when shards are prepared; 0 = every core (shards are the same either way)
 
 
 @dataclass
@@ -407,6 +408,8 @@ def validate(config):
         raise LmlabError("no training data: set data.corpus, data.train_files or data.shards")
     if not 0 < d.val_fraction < 1:
         raise LmlabError(f"data.val_fraction must lie strictly between 0 and 1, got {d.val_fraction}")
+    if d.workers < 0:
+        raise LmlabError(f"data.workers must be >= 1, or 0 for every core, got {d.workers}")
     evals = ("copy", "reverse", "history", "mmlu", "cmmlu")  # train.evals (lmlab/evals/training.py)
     for name in t.evals:
         if name not in evals:

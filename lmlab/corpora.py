@@ -111,7 +111,7 @@ def ensure_data(data, log=print):
     else:
         log(f"shards: tokenizing into {shards}")
         meta = prepare(train_files, tokenizer, shards, val_files=val_files, val_fraction=data.val_fraction,
-                       text_key=data.text_key)
+                       text_key=data.text_key, workers=data.workers)
         log("shards: " + ", ".join(f"{s} {i['tokens']:,} tokens / {i['documents']:,} documents"
                                    for s, i in meta["splits"].items()))
     check_tokenizer(load_meta(shards), tokenizer)

@@ -67,7 +67,8 @@ class Curriculum:
         for context, until in parse_context_schedule(t.context_schedule, m.context_length, t.batch_size):
             batch_size = t.batch_size * m.context_length // context
             batches = full_batches if context == m.context_length else Batches(
-                shards_dir, "train", batch_size, context, packing=config.data.packing, seed=t.seed)
+                shards_dir, "train", batch_size, context, packing=config.data.packing, seed=t.seed,
+                pin_memory=getattr(full_batches, "pin_memory", False))
             self.stages.append((until, batches))
 
     def at(self, progress):

@@ -11,6 +11,11 @@ Design choices:
   starts, so document packing needs no scan. meta.json is written last and the
   whole directory is built under a temporary name and renamed into place: a
   directory with meta.json is complete, and a crash leaves nothing behind.
+- Tokenizing runs on `workers` cores (default: all) through
+  lmlab.tokenizer.ParallelEncoder: this process reads and writes, worker
+  processes encode chunks of documents, results are taken in order. Every
+  document is encoded on its own, so the shards are byte-identical whatever
+  the number of workers (tests/test_data_workers.py checks 1 against 2).
 - Without val files, a document goes to val when crc32(text) falls below
   val_fraction: the split is stable across runs and file orders, and duplicate
   documents land on the same side.
@@ -37,12 +42,12 @@ from tqdm import tqdm
 
 from lmlab import atomic
 from lmlab.errors import LmlabError
-from lmlab.tokenizer import EOT
+from lmlab.tokenizer import EOT, ParallelEncoder
 
 COMPRESSED = {".gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"), ".xz": lzma.LZMAFile, ".bz2": bz2.BZ2File}
 LINE_BYTES = 1 << 22  # text files are read in lines of at most this many bytes (a <|endoftext|> must not straddle two)
 PIECE_CHARS = 1 << 22  # a longer document is yielded in line-aligned pieces of about this size
-BATCH_CHARS = 4 << 20  # text per encode_batch call: big enough to keep all cores busy, small enough for memory
+CHUNK_CHARS = 1 << 20  # text per chunk sent to an encoding worker: a few hundred documents, little memory
 IGNORE = -100  # target at padding positions; cross_entropy skips it
 
 
@@ -203,7 +208,7 @@ class _ShardWriter:
     def __init__(self, directory, split, dtype, eot_id, shard_tokens):
         self.directory, self.split, self.dtype = directory, split, dtype
         self.eot_id, self.shard_tokens = eot_id, shard_tokens
-        self.pending = []  # ids of the current encode batch (python ints)
+        self.pending = []  # uint32 id arrays (and eot ids) not yet moved into chunks
         self.chunks, self.buffered = [], 0  # numpy arrays not yet written to a shard
         self.starts = []  # document starts (offsets in the whole split stream) not yet written
         self.written = 0  # tokens already in shard files
@@ -212,12 +217,13 @@ class _ShardWriter:
         self.shards = []
 
     def add(self, ids, ends, nbytes):
+        """One piece of a document: its ids (an integer array), whether it ends the document, its UTF-8 bytes."""
         if not self.in_document:
             self.starts.append(self.tokens)
             self.documents += 1
-        self.pending.extend(ids)
+        self.pending.append(ids)
         if ends:
-            self.pending.append(self.eot_id)
+            self.pending.append(np.array([self.eot_id], dtype=np.uint32))
         self.tokens += len(ids) + ends
         self.bytes += nbytes
         self.in_document = not ends
@@ -225,8 +231,9 @@ class _ShardWriter:
     def commit(self):
         """Move the pending ids into numpy; write every full shard."""
         if self.pending:
-            self.chunks.append(np.array(self.pending, dtype=self.dtype))
-            self.buffered += len(self.pending)
+            chunk = np.concatenate(self.pending).astype(self.dtype, copy=False)
+            self.chunks.append(chunk)
+            self.buffered += len(chunk)
             self.pending = []
         while self.buffered >= self.shard_tokens:
             self._write(self.shard_tokens)
@@ -279,33 +286,43 @@ def _is_val(text, val_fraction):
     return zlib.crc32(text.encode("utf-8")) < val_fraction * 2**32
 
 
-def _tokenize_file(path, tokenizer, writers, split, val_fraction, text_key, progress):
-    """Tokenize one file into the writers; `split` None means choose per document by content hash."""
-    batch, size, current = [], 0, None
+def _chunks(path, split, val_fraction, text_key, progress):
+    """(pieces, texts) chunks of about CHUNK_CHARS of one file; a piece is (ends, split, UTF-8 bytes).
 
-    def flush():
-        for (text, ends, where), ids in zip(batch, tokenizer.encode_batch([b[0] for b in batch])):
-            writers[where].add(ids, ends, len(text.encode("utf-8")))
+    `split` None means choose per document by content hash; a document's first piece decides.
+    """
+    pieces, texts, size, current = [], [], 0, None
+    for text, ends in iter_documents(path, text_key=text_key, progress=progress):
+        if current is None:
+            current = split or ("val" if _is_val(text, val_fraction) else "train")
+        pieces.append((ends, current, len(text.encode("utf-8"))))
+        texts.append(text)
+        size += len(text)
+        current = None if ends else current
+        if size >= CHUNK_CHARS:
+            yield pieces, texts
+            pieces, texts, size = [], [], 0
+    if texts:
+        yield pieces, texts
+
+
+def _write_chunks(encoded, writers):
+    """Hand the encoded chunks, in order, to the split writers."""
+    for pieces, (ids, lengths) in encoded:
+        bounds = np.cumsum(lengths)
+        for (ends, where, nbytes), stop, length in zip(pieces, bounds, lengths):
+            writers[where].add(ids[stop - length:stop], ends, nbytes)
         for writer in writers.values():
             writer.commit()
 
-    for text, ends in iter_documents(path, text_key=text_key, progress=progress):
-        if current is None:  # the first piece decides where the whole document goes
-            current = split or ("val" if _is_val(text, val_fraction) else "train")
-        batch.append((text, ends, current))
-        size += len(text)
-        current = None if ends else current
-        if size >= BATCH_CHARS:
-            flush()
-            batch, size = [], 0
-    flush()
 
-
-def prepare(files, tokenizer, out_dir, val_files=(), val_fraction=0.05, text_key="text", shard_tokens=50_000_000):
+def prepare(files, tokenizer, out_dir, val_files=(), val_fraction=0.05, text_key="text", shard_tokens=50_000_000,
+            workers=0):
     """Tokenize `files` into train / val .npy shards + meta.json in out_dir; returns the meta dict.
 
     Every document is followed by the tokenizer's eot id. With val_files, files -> train and
     val_files -> val; without, a document goes to val when crc32(text) < val_fraction.
+    `workers` processes encode (0 = every core); the shards do not depend on it.
     """
     files, val_files = [check_file(f) for f in _as_list(files)], [check_file(f) for f in _as_list(val_files)]
     if not files:
@@ -314,6 +331,8 @@ def prepare(files, tokenizer, out_dir, val_files=(), val_fraction=0.05, text_key
         raise LmlabError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
     if shard_tokens <= 0:
         raise LmlabError(f"shard_tokens must be positive, got {shard_tokens}")
+    if workers < 0:
+        raise LmlabError(f"workers must be >= 1, or 0 for every core, got {workers}")
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -322,11 +341,12 @@ def prepare(files, tokenizer, out_dir, val_files=(), val_fraction=0.05, text_key
     try:
         writers = {split: _ShardWriter(tmp, split, dtype, tokenizer.eot_id, shard_tokens) for split in ("train", "val")}
         total = sum(f.stat().st_size for f in files + val_files)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None) as bar:
-            for path in files:
-                _tokenize_file(path, tokenizer, writers, "train" if val_files else None, val_fraction, text_key, bar.update)
-            for path in val_files:
-                _tokenize_file(path, tokenizer, writers, "val", val_fraction, text_key, bar.update)
+        sources = [(path, "train" if val_files else None) for path in files] + [(path, "val") for path in val_files]
+        with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None) as bar, \
+                ParallelEncoder(tokenizer, workers) as encoder:
+            chunks = (chunk for path, split in sources
+                      for chunk in _chunks(path, split, val_fraction, text_key, bar.update))
+            _write_chunks(encoder.map(chunks), writers)
         splits = {split: writer.close() for split, writer in writers.items()}
         names = ", ".join(str(f) for f in files)
         if splits["train"]["documents"] == 0 and (val_files or splits["val"]["documents"] == 0):
@@ -411,9 +431,14 @@ class Batches:
     documents (a window never crosses a shard end). packing="document": each row is
     one random document from its start, cut to context_length+1 tokens and padded
     with pad_id; targets at padding are -100 and the eot after the document is a target.
+
+    pin_memory=True returns page-locked host tensors, so that a CUDA copy with
+    non_blocking=True is asynchronous and overlaps the step (it needs CUDA).
+    A batch costs ~0.1 ms on CPU (benchmarks/RESULTS.md): no worker processes needed.
     """
 
-    def __init__(self, shards_dir, split, batch_size, context_length, packing="concat", seed=0, rank=0, world_size=1):
+    def __init__(self, shards_dir, split, batch_size, context_length, packing="concat", seed=0, rank=0, world_size=1,
+                 pin_memory=False):
         meta = load_meta(shards_dir)
         if split not in meta["splits"]:
             raise LmlabError(f"no split {split!r} in {shards_dir}; splits: {', '.join(meta['splits'])}")
@@ -421,7 +446,9 @@ class Batches:
             raise LmlabError(f"packing must be concat or document, got {packing!r}")
         if seed < 0 or not 0 <= rank < world_size:
             raise LmlabError(f"need seed >= 0 and 0 <= rank < world_size, got seed={seed} rank={rank} world_size={world_size}")
-        self.meta, self.split, self.packing = meta, split, packing
+        if pin_memory and not torch.cuda.is_available():
+            raise LmlabError("pin_memory=True needs CUDA (pinned host memory only speeds up copies to a GPU)")
+        self.meta, self.split, self.packing, self.pin_memory = meta, split, packing, pin_memory
         self.batch_size, self.context_length = batch_size, context_length
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.pad_id = meta["pad_id"]
@@ -451,14 +478,19 @@ class Batches:
             self.doc_shard, self.doc_begin, self.doc_end = map(np.concatenate, (shard_of, begin, end))
 
     def _rows(self, picks):
-        """Tensors (x, y) for global window starts (concat) or document indices (document)."""
+        """Tensors (x, y) for global window starts (concat) or document indices (document), pinned if asked."""
+        x, y = self._arrays(picks)
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        return (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
+
+    def _arrays(self, picks):
         window = self.context_length + 1
         if self.packing == "concat":
             ends = np.cumsum(self.starts)
             shard = np.searchsorted(ends, picks, side="right")
             offsets = picks - (ends[shard] - self.starts[shard])
             rows = np.stack([self.shards[s][o:o + window] for s, o in zip(shard, offsets)]).astype(np.int64)
-            return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+            return rows[:, :-1].copy(), rows[:, 1:].copy()
         x = np.full((len(picks), self.context_length), self.pad_id, dtype=np.int64)
         y = np.full((len(picks), self.context_length), IGNORE, dtype=np.int64)
         for row, doc in enumerate(picks):
@@ -466,7 +498,7 @@ class Batches:
             tokens = self.shards[self.doc_shard[doc]][begin:min(self.doc_end[doc], begin + window)]
             x[row, :len(tokens) - 1] = tokens[:-1]
             y[row, :len(tokens) - 1] = tokens[1:]
-        return torch.from_numpy(x), torch.from_numpy(y)
+        return x, y
 
     def _population(self):
         return int(self.starts.sum()) if self.packing == "concat" else len(self.doc_begin)

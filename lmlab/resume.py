@@ -43,7 +43,7 @@ from pathlib import Path
 from lmlab.errors import LmlabError
 
 FROZEN_SECTIONS = ("model", "data")
-MAY_CHANGE = {"data.cache_dir"}  # in a frozen section, but only a location
+MAY_CHANGE = {"data.cache_dir", "data.workers"}  # in a frozen section, but a location or a speed setting
 FROZEN = {"train.seed", "train.batch_size", "train.grad_accum", "optim.schedule"}
 NOT_COMPARED = {"name", "train.run_name", "train.runs_dir", "train.resume"}
 

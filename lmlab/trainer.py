@@ -162,10 +162,11 @@ def _train(config, log, parallel):
     steps = total_steps(config)
     tokens_per_step = t.batch_size * t.grad_accum * config.model.context_length  # over all ranks
 
+    pinned = device.type == "cuda"  # page-locked batches: the copy to the GPU overlaps the step
     train_batches = Batches(shards_dir, "train", t.batch_size, config.model.context_length,
-                            packing=config.data.packing, seed=t.seed)
+                            packing=config.data.packing, seed=t.seed, pin_memory=pinned)
     all_val = Batches(shards_dir, "val", t.batch_size, config.model.context_length,
-                      packing=config.data.packing, seed=t.seed).fixed(t.eval_batches)
+                      packing=config.data.packing, seed=t.seed, pin_memory=pinned).fixed(t.eval_batches)
     val_batches = FixedBatches(all_val.batches, all_val.picks[parallel.rank::parallel.world_size])  # this rank's share
     curriculum = Curriculum(config, shards_dir, train_batches)  # train_batches itself unless train.context_schedule
     schedule, run_progress = schedules.for_run(config, steps, tokens_per_step)  # lr = schedule.lr(step, progress)
