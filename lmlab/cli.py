@@ -35,6 +35,23 @@ def cmd_train(args):
     return exit_code(train(config))  # 0, or 130 / 143 when SIGINT / SIGTERM stopped the run
 
 
+def cmd_bench(args):
+    from lmlab.bench.suite import parse_only
+    from lmlab.config import load_config
+
+    only = parse_only(args.only)  # a typo is reported before torch is imported
+    config = load_config(args.config, args.overrides)
+    from lmlab import atomic
+    from lmlab.bench.suite import run, write_json
+
+    report, rows = run(config, only=only, reference=not args.no_reference, find_batch=args.find_batch,
+                       budget_mib=args.budget_mib)
+    if args.out:
+        atomic.write_text(args.out, report)
+        write_json(f"{args.out}.json", rows)
+        print(f"report -> {args.out} (rows: {args.out}.json)")
+
+
 def cmd_config(args):
     from lmlab.config import describe_keys, load_config, to_toml
 
@@ -172,6 +189,26 @@ def build_parser():
                    help="continue run directory RUN from its latest checkpoint (its config.toml, then any "
                         "KEY=VALUE; model, data and batch keys cannot change)")
     p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("bench", help="measure speed and memory, side by side with transformers' Llama",
+                         description="Benchmarks on this machine, each next to a reference in the same process: "
+                                     "training step (tokens/s, MFU, peak memory) against transformers' "
+                                     "LlamaForCausalLM with the same shape and weights, for the config's model "
+                                     "and a ladder of sizes; generation with and without the KV cache; the data "
+                                     "loader against the training step; prepare and tokenizer training against "
+                                     "the number of cores. Device, precision and compile come from the config.",
+                         epilog=EPILOG_OVERRIDES + " Results of this project's machines: benchmarks/RESULTS.md.")
+    _add_config_args(p)
+    p.add_argument("--only", default="all", metavar="LIST",
+                   help="comma-separated: train, generate, loader, prepare, tokenizer (default: all)")
+    p.add_argument("--find-batch", action="store_true",
+                   help="instead: the largest micro-batch of the config's model whose training step fits "
+                        "(GPU: its memory; CPU: --budget-mib)")
+    p.add_argument("--budget-mib", type=float, metavar="MIB",
+                   help="memory budget for --find-batch on CPU (default: 90%% of the memory available now)")
+    p.add_argument("--no-reference", action="store_true", help="measure lmlab only, without transformers")
+    p.add_argument("--out", metavar="FILE", help="also write the Markdown report here (and its rows to FILE.json)")
+    p.set_defaults(func=cmd_bench)
 
     p = verbs.add_parser("config", help="print the resolved config, or every key with --keys",
                          epilog=EPILOG_OVERRIDES)

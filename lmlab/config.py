@@ -120,7 +120,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (and the loss, which runs inside its forward)
     attention: str = "sdpa"  # sdpa (torch picks flash / memory-efficient kernels), eager (plain ops), flash_attn, xformers (if installed)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
-    loss_chunk: int = 1024  # LM head + fp32 loss over this many rows at a time, never the full logits; 0 = all at once
+    loss_chunk: int = 4096  # LM head + fp32 loss over this many rows at a time, never the full logits; 0 = all at once
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     seed: int = 1337  # seeds init, data order and sampling
     run_name: str = ""  # run directory name; "" = <preset>-<date>-<time>
