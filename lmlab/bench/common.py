@@ -24,6 +24,9 @@ import time
 
 import torch
 
+from lmlab.errors import LmlabError
+
+DEFAULT_VOCAB = 2048  # vocabulary of a benchmark shape that leaves it unset (the quick start's tokenizer)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD = 64 << 10
 
@@ -51,6 +54,51 @@ def machine(device=None):
     if git:
         info["commit"] = git["commit"][:10] + (" (dirty)" if git["dirty"] else "")
     return info
+
+
+def model_config(shape, defaults=None):
+    """The ModelConfig of a benchmark shape: a ModelConfig, or a dict of its fields over `defaults`.
+
+    Vocabulary (0 follows a tokenizer; there is none here) and d_ff are
+    resolved, init_from dropped (weights are random); unknown fields are an LmlabError.
+    """
+    from lmlab.config import ModelConfig, resolve_d_ff
+
+    if isinstance(shape, ModelConfig):
+        config = dataclasses.replace(shape, init_from="")
+    else:
+        fields = {**(defaults or {}), **(shape or {})}
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ModelConfig)})
+        if unknown:
+            raise LmlabError(f"unknown model field(s) in benchmark shape: {', '.join(unknown)}; "
+                             "use ModelConfig field names (lmlab config --keys)")
+        config = ModelConfig(**fields)
+    config.vocab_size = config.vocab_size or DEFAULT_VOCAB
+    config.d_ff = resolve_d_ff(config)
+    return config
+
+
+def transformers_model(model_config, hf_weights, device):
+    """The reference: transformers' class for `model_config` (Llama; Qwen3 with qk_norm) holding lmlab's weights.
+
+    hf_weights come from lmlab.export.hf_state_dict, so both sides hold the same
+    numbers; no bos / eos ids (nothing for generate's min_new_tokens to suppress);
+    SDPA attention, as lmlab's.
+    """
+    import transformers
+
+    from lmlab.export import hf_architecture, hf_config
+
+    config = transformers.AutoConfig.for_model(**hf_config(model_config, None, None, None),
+                                               attn_implementation="sdpa")
+    model = getattr(transformers, hf_architecture(model_config))(config)
+    missing, unexpected = model.load_state_dict(hf_weights, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if model_config.tie_embeddings else set()):
+        raise LmlabError(f"exported weights do not fit {type(model).__name__} (missing {missing}, unexpected "
+                         f"{unexpected}); lmlab.export and transformers {transformers.__version__} disagree")
+    if model_config.tie_embeddings:
+        model.tie_weights()  # a tied head is left out of the export on purpose
+    return model.to(device)
 
 
 def sync(device):

@@ -20,12 +20,12 @@ Design choices:
 - Times include the prefill of the prompt: that is what a user waits for.
 """
 
-import dataclasses
+import importlib.util
 
 import torch
 
-from lmlab.bench.common import Section, time_side_by_side
-from lmlab.config import ModelConfig, resolve_d_ff
+from lmlab.bench import common
+from lmlab.bench.common import Section, time_side_by_side, transformers_model
 from lmlab.device import autocast, resolve_device, resolve_precision
 from lmlab.errors import LmlabError
 from lmlab.model import Transformer
@@ -54,7 +54,7 @@ def generation(shape=None, device="cpu", precision="fp32", prompt_tokens=64, new
     precision = resolve_precision(precision, device)
     if precision not in TIE_TOLERANCE:
         raise LmlabError(f"precision must be fp32, bf16, fp16 or auto, got {precision!r}")
-    model_config = _model_config(shape)
+    model_config = common.model_config(shape, DEFAULT_SHAPE)
     _check_lengths(model_config, prompt_tokens, new_tokens, repeats)
     torch.manual_seed(SEED)
     model = Transformer(model_config).to(device).eval()
@@ -102,21 +102,6 @@ def generation(shape=None, device="cpu", precision="fp32", prompt_tokens=64, new
     return Section("Generation: lmlab with and without KV cache, next to transformers", rows, COLUMNS, notes)
 
 
-def _model_config(shape):
-    """The ModelConfig to benchmark, with d_ff resolved; unknown fields are an LmlabError."""
-    if isinstance(shape, ModelConfig):
-        config = dataclasses.replace(shape, init_from="")  # the shape only: weights are random here
-    else:
-        fields = {**DEFAULT_SHAPE, **(shape or {})}
-        unknown = sorted(set(fields) - set(vars(ModelConfig())))
-        if unknown:
-            raise LmlabError(f"unknown model field(s) in shape: {', '.join(unknown)}; see lmlab.config.ModelConfig")
-        config = ModelConfig(**fields)
-    config.vocab_size = config.vocab_size or DEFAULT_SHAPE["vocab_size"]  # 0 follows a tokenizer; there is none here
-    config.d_ff = resolve_d_ff(config)
-    return config
-
-
 def _check_lengths(model_config, prompt_tokens, new_tokens, repeats):
     if prompt_tokens < 1 or new_tokens < 1 or repeats < 1:
         raise LmlabError(f"need prompt_tokens, new_tokens and repeats >= 1, "
@@ -133,22 +118,12 @@ def _lmlab_tokens(model, prompt, new_tokens, use_cache, precision, device):
 
 
 def _reference_model(model, device):
-    """transformers' model with lmlab's weights (through lmlab's exporter), or None without transformers."""
-    try:
-        import transformers
-    except ImportError:
+    """transformers' model with lmlab's weights, or None without transformers."""
+    if importlib.util.find_spec("transformers") is None:
         return None
-    from lmlab.export import hf_config, hf_state_dict
+    from lmlab.export import hf_state_dict
 
-    config = hf_config(model.config, None, None, None)  # no eos: nothing for min_new_tokens to suppress
-    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
-    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:  # a tied head is left out of the export on purpose
-        raise LmlabError(f"lmlab's exported weights do not fit {type(hf).__name__}: missing {missing}, "
-                         f"unexpected {unexpected}")
-    if model.config.tie_embeddings:
-        hf.tie_weights()
-    return hf.to(device).eval()
+    return transformers_model(model.config, hf_state_dict(model), device).eval()
 
 
 def _hf_tokens(hf, prompt, new_tokens, use_cache, precision, device):

@@ -27,23 +27,22 @@ Design choices:
   user passes bigger shapes (dicts of ModelConfig fields, or ModelConfigs).
 """
 
-import dataclasses
 import gc
 import math
 
 import torch
 
 from lmlab import perf
-from lmlab.bench.common import Section, return_freed_memory, peak_memory, sync, time_side_by_side
-from lmlab.config import Config, ModelConfig, TrainConfig, resolve_d_ff, validate
+from lmlab.bench import common
+from lmlab.bench.common import Section, peak_memory, return_freed_memory, sync, time_side_by_side, transformers_model
+from lmlab.config import Config, TrainConfig, validate
 from lmlab.device import autocast, grad_scaler, resolve_device, resolve_precision
 from lmlab.errors import LmlabError
-from lmlab.export import hf_architecture, hf_config, hf_state_dict
+from lmlab.export import hf_architecture, hf_state_dict
 from lmlab.fastpaths import prepare_model
 from lmlab.model import Transformer
 from lmlab.optim import build_optimizer, param_groups
 
-DEFAULT_VOCAB = 2048  # vocab of a shape that leaves it unset (the quick start's tokenizer)
 LADDER = (
     dict(d_model=128, n_layers=4, n_heads=4, context_length=128, vocab_size=2048),  # configs/cpu-quickstart.toml
     dict(d_model=256, n_layers=4, n_heads=4, context_length=256, vocab_size=2048),
@@ -91,16 +90,7 @@ def training_step(shapes=LADDER, device="cpu", precision="fp32", batch_size=8, s
 
 def bench_config(shape, batch_size=8, precision="fp32", compile=False):
     """A lmlab Config for one shape (a dict of ModelConfig fields or a ModelConfig), d_ff and vocab resolved."""
-    if isinstance(shape, ModelConfig):
-        model = dataclasses.replace(shape)
-    else:
-        try:
-            model = ModelConfig(**{"vocab_size": DEFAULT_VOCAB, **shape})
-        except TypeError as e:
-            raise LmlabError(f"benchmark shape {shape}: {e} (use ModelConfig field names)") from None
-    model.vocab_size = model.vocab_size or DEFAULT_VOCAB
-    model.d_ff = resolve_d_ff(model)
-    model.init_from = ""
+    model = common.model_config(shape)
     config = Config(model=model, train=TrainConfig(batch_size=batch_size, precision=precision, compile=compile))
     validate(config)
     if model.dropout:
@@ -212,14 +202,7 @@ def build_lmlab(config, x, y, device, precision, weights=None):
 
 def build_transformers(config, x, y, device, precision, hf_weights, fused):
     """transformers' step on the same weights: its model and loss, torch AdamW like lmlab's; step.model is its model."""
-    transformers = _transformers()
-    m = config.model
-    hf_cfg = transformers.AutoConfig.for_model(**hf_config(m, 0, 0, 0), attn_implementation="sdpa")  # as lmlab's
-    model = getattr(transformers, hf_architecture(m))(hf_cfg)
-    missing, unexpected = model.load_state_dict(hf_weights, strict=False)
-    if unexpected or set(missing) - ({"lm_head.weight"} if m.tie_embeddings else set()):
-        raise LmlabError(f"exported weights do not fit {type(model).__name__} (missing {missing}, unexpected "
-                         f"{unexpected}); lmlab.export and transformers {transformers.__version__} disagree")
+    model = transformers_model(config.model, hf_weights, device)
     model.to(device).train()
     forward = torch.compile(model) if config.train.compile else model
     o = config.optim
