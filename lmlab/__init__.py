@@ -17,12 +17,12 @@ def __getattr__(name):
         from lmlab.config import load_config
         return load_config
     if name == "train":
-        from lmlab.trainer import train
+        from lmlab.training.loop import train
         return train
     if name == "load_run":
-        from lmlab.run import load_run
+        from lmlab.rundir.run import load_run
         return load_run
     if name == "generate":
-        from lmlab.sampling import generate
+        from lmlab.model.sampling import generate
         return generate
     raise AttributeError(name)

@@ -24,13 +24,13 @@ def _add_config_args(parser):
 
 def cmd_train(args):
     from lmlab.config import load_config
-    from lmlab.resume import resume_config
+    from lmlab.training.resume import resume_config
 
     # config mistakes surface before torch is imported
     config = resume_config(args.resume, args.config, args.overrides) if args.resume else load_config(
         args.config, args.overrides)
-    from lmlab.signals import exit_code
-    from lmlab.trainer import train
+    from lmlab.training.signals import exit_code
+    from lmlab.training.loop import train
 
     return exit_code(train(config))  # 0, or 130 / 143 when SIGINT / SIGTERM stopped the run
 
@@ -59,7 +59,7 @@ def cmd_config(args):
 
 
 def cmd_tokenizer_train(args):
-    from lmlab.tokenizer import train_tokenizer
+    from lmlab.data.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(args.files, args.vocab_size, special_tokens=args.special_token,
                                 text_key=args.text_key)
@@ -68,8 +68,8 @@ def cmd_tokenizer_train(args):
 
 
 def cmd_prepare(args):
-    from lmlab.data import prepare
-    from lmlab.tokenizer import Tokenizer
+    from lmlab.data.shards import prepare
+    from lmlab.data.tokenizer import Tokenizer
 
     meta = prepare(args.files, Tokenizer.load(args.tokenizer), args.out, val_files=args.val or (),
                    val_fraction=args.val_fraction, text_key=args.text_key, workers=args.workers)
@@ -80,8 +80,8 @@ def cmd_prepare(args):
 
 def cmd_generate(args):
     from lmlab.device import resolve_device
-    from lmlab.sampling import generate
-    from lmlab.run import load_run
+    from lmlab.model.sampling import generate
+    from lmlab.rundir.run import load_run
 
     run = load_run(args.run, device=resolve_device(args.device))
     print(args.prompt, end="", flush=True)
@@ -92,25 +92,25 @@ def cmd_generate(args):
 
 
 def cmd_export(args):
-    from lmlab.export import export_hf
+    from lmlab.model.hf import export_hf
 
     export_hf(args.run, args.out, log=print)
 
 
 def cmd_import(args):
-    from lmlab.export import import_hf
+    from lmlab.model.hf import import_hf
 
     import_hf(args.hf_dir, args.run_dir, log=print)
 
 
 def cmd_runs(args):
-    from lmlab.runs import format_table, read_runs, runs_table
+    from lmlab.lab.table import format_table, read_runs, runs_table
 
     print(format_table(*runs_table(read_runs(args.dirs)), style=args.format))
 
 
 def cmd_compare(args):
-    from lmlab.report import compare
+    from lmlab.lab.compare import compare
 
     paths = compare(args.runs, out=args.out, x=args.x, metric=args.metric, logx=args.logx, logy=args.logy,
                     smooth=args.smooth)
@@ -118,21 +118,21 @@ def cmd_compare(args):
 
 
 def cmd_report(args):
-    from lmlab.html_report import write_report
+    from lmlab.lab.report import write_report
 
     html_path, md_path = write_report(args.dir, out=args.out)
     print(f"{html_path} (open it in a browser) and {md_path}")
 
 
 def cmd_note(args):
-    from lmlab.runs import add_note
+    from lmlab.lab.table import add_note
 
     print(f"noted in {add_note(args.run, args.text)}")
 
 
 def cmd_schedule(args):
     from lmlab.config import load_config
-    from lmlab.schedules import plot_schedule
+    from lmlab.training.schedules import plot_schedule
 
     config = load_config(args.config, args.overrides)
     out = args.out or f"{config.name}-schedule.png"
@@ -142,7 +142,7 @@ def cmd_schedule(args):
 
 
 def cmd_sweep(args):
-    from lmlab.sweep import run_sweep
+    from lmlab.lab.sweep import run_sweep
 
     run_sweep(args.config, args.overrides, grid=args.grid, random_items=args.random, n_trials=args.trials,
               seed=args.seed, out=args.out, workers=args.workers, metric=args.metric, lr_scaling=args.lr_scaling,
@@ -396,13 +396,13 @@ def main(argv=None):
     try:
         code = _run(args)
     except Exception:
-        from lmlab import distributed
+        from lmlab.training import distributed
 
         if not distributed.worker_started():
             raise
         traceback.print_exc()  # a failing rank: torchrun sees exit code 1 and ends the job
         code = 1
-    from lmlab.distributed import end_worker
+    from lmlab.training.distributed import end_worker
 
     return end_worker(code)  # a torchrun worker exits here, skipping interpreter finalization (see there)
 

@@ -420,8 +420,8 @@ def validate(config):
 
 
 def validate_schedule(config):
-    """The schedule, stop-rule and context-curriculum keys (lmlab/schedules.py, stops.py, curriculum.py)."""
-    from lmlab.curriculum import parse_context_schedule
+    """The schedule, stop-rule and context-curriculum keys (lmlab/training/schedules.py, training/stops.py, data/curriculum.py)."""
+    from lmlab.data.curriculum import parse_context_schedule
 
     o, t = config.optim, config.train
     if o.progress in ("steps", "tokens") and t.max_steps <= 0 and t.max_tokens <= 0:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from lmlab.config import validate, load_config
 from lmlab.errors import LmlabError
-from lmlab.track import read_metrics
+from lmlab.rundir.metrics import read_metrics
 
 
 def quiet(*args, **kwargs):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-CORPORA = Path(__file__).resolve().parent.parent / "lmlab" / "corpora"
+CORPORA = Path(__file__).resolve().parent.parent / "lmlab" / "data" / "corpora"
 EOT_LINE = "<|endoftext|>\n"
 
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from ckpt_support import leftovers, quiet, read_only, snapshot
-from lmlab import checkpoint, load_config, train
+from lmlab import load_config, train
+from lmlab.training import checkpoint
 from lmlab.cli import main
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "errors.md"

@@ -8,8 +8,8 @@ from lmlab.bench.data import check_identical_shards, data_loader, prepare_throug
 from lmlab.bench.generate import CACHED, HF_CACHED, HF_UNCACHED, UNCACHED, compare_with_reference, generation
 from lmlab.config import ModelConfig, load_config, resolve_d_ff
 from lmlab.errors import LmlabError
-from lmlab.model import KVCache, Transformer
-from lmlab.sampling import generate_ids
+from lmlab.model.transformer import KVCache, Transformer
+from lmlab.model.sampling import generate_ids
 
 TINY = dict(vocab_size=256, context_length=64, d_model=32, n_layers=2, n_heads=4)
 QUIET = dict(log=lambda *_: None)

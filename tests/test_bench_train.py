@@ -13,7 +13,7 @@ from lmlab.bench import train as bench_train
 from lmlab.bench.find_batch import find_batch, step_peak_mib
 from lmlab.config import Config, ModelConfig, TrainConfig
 from lmlab.errors import LmlabError
-from lmlab.export import hf_state_dict
+from lmlab.model.hf import hf_state_dict
 
 CPU = torch.device("cpu")
 TINY = dict(d_model=64, n_layers=2, n_heads=4, context_length=64, vocab_size=512)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from ckpt_support import events, leftovers, quiet, same_weights, schedules_available, series, snapshot
-from lmlab import checkpoint, load_config, train
+from lmlab import load_config, train
+from lmlab.training import checkpoint
 from lmlab.errors import LmlabError
 
 

@@ -4,8 +4,7 @@ import tomllib
 
 import pytest
 
-from lmlab.config import (Config, all_keys, describe_keys, from_dict, load_config, resolve_d_ff, to_toml,
-                          total_steps)
+from lmlab.config import Config, all_keys, describe_keys, from_dict, load_config, resolve_d_ff, to_toml, total_steps
 from lmlab.errors import LmlabError
 
 PRESETS = ["cpu-quickstart", "zh-quickstart", "tinystories-17m"]

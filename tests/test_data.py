@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab import corpora, data
+from lmlab.data import documents
+from lmlab.data import corpora
 from lmlab.config import DataConfig
-from lmlab.data import Batches, check_tokenizer, iter_documents, load_meta, prepare
+from lmlab.data.batches import Batches
+from lmlab.data.shards import check_tokenizer, load_meta, prepare
+from lmlab.data.documents import iter_documents
 from lmlab.errors import LmlabError
-from lmlab.tokenizer import EOT, Tokenizer, train_tokenizer
+from lmlab.data.tokenizer import EOT, Tokenizer, train_tokenizer
 
 EOT_LINE = "<|endoftext|>\n"
 
@@ -84,7 +87,7 @@ def test_bundled_chinese_corpus_reads_as_chapters():
 
 
 def test_a_long_document_comes_in_pieces(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "PIECE_CHARS", 1000)
+    monkeypatch.setattr(documents, "PIECE_CHARS", 1000)
     lines = [f"line {i} of a book with no separators   " for i in range(500)]
     text = "\n\n  " + "\n".join(lines[:250]) + " " * 3000 + "\n".join(lines[250:]) + "\n\n"
     (tmp_path / "book.txt").write_text(text + EOT_LINE + "short one\n", encoding="utf-8")

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from lmlab.config import load_config, validate
-from lmlab.data import Batches, prepare
+from lmlab.data.batches import Batches
+from lmlab.data.shards import prepare
 from lmlab.errors import LmlabError
-from lmlab.tokenizer import ParallelEncoder, train_tokenizer
+from lmlab.data.encode import ParallelEncoder
+from lmlab.data.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +20,7 @@ def tok(small_corpus):
 
 
 def test_shards_do_not_depend_on_the_number_of_workers(small_corpus, tok, tmp_path, monkeypatch):
-    monkeypatch.setattr("lmlab.data.CHUNK_CHARS", 20_000)  # many chunks, so both workers get several
+    monkeypatch.setattr("lmlab.data.shards.CHUNK_CHARS", 20_000)  # many chunks, so both workers get several
     train, valid = small_corpus
     one = prepare([train, valid], tok, tmp_path / "one", shard_tokens=30_000, workers=1)  # hash split
     two = prepare([train, valid], tok, tmp_path / "two", shard_tokens=30_000, workers=2)

@@ -17,9 +17,10 @@ import pytest
 from safetensors.torch import load_file
 
 from ckpt_support import events, quiet, same_weights, series
-from lmlab import checkpoint, load_config, train
+from lmlab import load_config, train
+from lmlab.training import checkpoint
 from lmlab.errors import LmlabError
-from lmlab.resume import resume_config
+from lmlab.training.resume import resume_config
 
 TIMEOUT = 240  # seconds a torchrun job may take on a loaded 2-core machine
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -96,7 +97,7 @@ POWER_LOSS = textwrap.dedent("""
     # SIGKILL torchrun and every rank at once when rank 0 starts step 11 (checkpoint 8 written,
     # steps 9 and 10 logged after it): a machine that loses power, at a known point.
     import os, signal, sys
-    import lmlab.trainer as trainer
+    import lmlab.training.loop as trainer
     from lmlab.cli import main
 
     real, calls = trainer.set_lr, [0]
@@ -183,7 +184,7 @@ FAILING_RANK = textwrap.dedent("""
     # Rank 1 raises in its 4th training forward (step 4): a crash on one machine of the job.
     import os, sys
     from lmlab.cli import main
-    from lmlab.model import Transformer
+    from lmlab.model.transformer import Transformer
 
     real, calls = Transformer.forward, [0]
 
@@ -223,7 +224,7 @@ def test_one_rank_raising_ends_the_job_with_an_error_and_the_last_checkpoint_sta
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_finished_jobs_exit_cleanly_every_time(runs, mode):
-    """A worker must not abort at interpreter exit after a good run (lmlab.distributed.end_worker).
+    """A worker must not abort at interpreter exit after a good run (lmlab.training.distributed.end_worker).
 
     Before end_worker about one DDP job in seven here ended with a rank killed by
     SIGABRT ("terminate called without an active exception") after training.
@@ -236,7 +237,7 @@ def test_finished_jobs_exit_cleanly_every_time(runs, mode):
 
 
 def test_grad_accum_must_split_over_the_ranks():
-    from lmlab.distributed import Parallel
+    from lmlab.training.distributed import Parallel
 
     with pytest.raises(LmlabError, match="train.grad_accum=3 cannot be split over 2 processes"):
         Parallel("ddp", 0, 0, 2).local_accum(3)

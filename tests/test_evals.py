@@ -9,13 +9,13 @@ import torch
 
 from evals_support import BigramModel, InductionModel, tiny_overrides, train_tiny
 from lmlab import load_config, load_run
-from lmlab.bpb import token_byte_lengths
+from lmlab.evals.bpb import token_byte_lengths
 from lmlab.cli import main
-from lmlab.corpora import ensure_data
+from lmlab.data.corpora import ensure_data
 from lmlab.evals import perplexity, probes
 from lmlab.evals.scoring import score, windows
-from lmlab.model import lm_loss
-from lmlab.track import read_metrics
+from lmlab.model.transformer import lm_loss
+from lmlab.rundir.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_text_and_shards_commands_write_their_json(run_dir, small_corpus, data_c
 
 
 def test_a_hugging_face_folder_evaluates_like_its_run(run_dir, small_corpus, tmp_path):
-    from lmlab.export import export_hf
+    from lmlab.model.hf import export_hf
 
     _, valid = small_corpus
     hf_dir = export_hf(run_dir, tmp_path / "hf")

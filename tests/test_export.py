@@ -9,11 +9,11 @@ import torch
 from conftest import tinystories_documents
 from lmlab.config import Config, ModelConfig, resolve_d_ff
 from lmlab.errors import LmlabError
-from lmlab.export import export_hf, hf_architecture, import_hf, load_hf_model
-from lmlab.sampling import generate_ids
-from lmlab.model import Transformer
-from lmlab.run import load_run, save_config, save_weights
-from lmlab.tokenizer import Tokenizer, train_tokenizer
+from lmlab.model.hf import export_hf, hf_architecture, import_hf, load_hf_model
+from lmlab.model.sampling import generate_ids
+from lmlab.model.transformer import Transformer
+from lmlab.rundir.run import load_run, save_config, save_weights
+from lmlab.data.tokenizer import Tokenizer, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")

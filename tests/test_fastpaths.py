@@ -2,7 +2,7 @@
 
 The plain path is the model's logits and `lm_loss`, eager, fp32, SDPA attention,
 no checkpointing, torch's AdamW. Each test switches on one fast path through the
-config (lmlab.fastpaths.prepare_model / lmlab.optim.build_optimizer) and compares
+config (lmlab.training.fastpaths.prepare_model / lmlab.training.optim.build_optimizer) and compares
 the loss and every parameter's gradient (or the optimizer's update).
 """
 
@@ -15,13 +15,13 @@ import torch.nn.functional as F
 
 from evals_support import tiny_overrides
 from lmlab.config import load_config, resolve_d_ff
-from lmlab.corpora import ensure_data
-from lmlab.data import Batches
+from lmlab.data.corpora import ensure_data
+from lmlab.data.batches import Batches
 from lmlab.errors import LmlabError
-from lmlab.fastpaths import prepare_model
-from lmlab.layers import attend, eager_attention
-from lmlab.model import Transformer, chunked_lm_loss, lm_loss
-from lmlab.optim import build_optimizer, param_groups
+from lmlab.training.fastpaths import prepare_model
+from lmlab.model.layers import attend, eager_attention
+from lmlab.model.transformer import Transformer, chunked_lm_loss, lm_loss
+from lmlab.training.optim import build_optimizer, param_groups
 
 CPU = torch.device("cpu")
 

@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from ckpt_support import events, quiet, same_weights, series
-from lmlab import checkpoint, load_config, train
+from lmlab import load_config, train
+from lmlab.training import checkpoint
 from lmlab.cli import main
-from lmlab.model import Transformer
+from lmlab.model.transformer import Transformer
 
 
 def overrides(tiny_overrides, *extra):
@@ -110,7 +111,7 @@ def fallback_handlers():
 
 def signal_at(monkeypatch, step, *signums):
     """Deliver signals to this process while optimizer step `step` runs (from inside the loop)."""
-    from lmlab import faults
+    from lmlab.training import faults
 
     real = faults.NonFiniteGuard.check
 

@@ -5,8 +5,8 @@ from hypothesis import strategies as st
 
 from lmlab.config import ModelConfig, resolve_d_ff
 from lmlab.errors import LmlabError
-from lmlab.sampling import generate, generate_ids, sample_next
-from lmlab.model import KVCache, Transformer
+from lmlab.model.sampling import generate, generate_ids, sample_next
+from lmlab.model.transformer import KVCache, Transformer
 
 
 def tiny_model(vocab_size=97, context_length=32, seed=0, **overrides):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lmlab.config import ModelConfig, resolve_d_ff
-from lmlab.model import Transformer, lm_loss
+from lmlab.model.transformer import Transformer, lm_loss
 
 
 def tiny_config(**overrides):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmlab.config import OptimConfig
-from lmlab.optim import build_optimizer, lr_at, param_groups
+from lmlab.training.optim import build_optimizer, lr_at, param_groups
 
 
 @pytest.mark.parametrize("warmup, total", [(10, 100), (1, 7), (0, 50), (100, 100)])

@@ -11,8 +11,8 @@ from evals_support import tiny_overrides
 from lmlab import load_config, train
 from lmlab.cli import main
 from lmlab.errors import LmlabError
-from lmlab.report import compare_figure
-from lmlab.runs import add_note, differing_keys, read_run, read_runs
+from lmlab.rundir.plots import compare_figure
+from lmlab.lab.table import add_note, differing_keys, read_run, read_runs
 
 
 def quiet(*_):
@@ -119,7 +119,7 @@ def _chromium():
 
 @pytest.mark.skipif(_chromium() is None, reason="no Chromium installed (apt-get install chromium)")
 def test_report_loads_in_headless_chromium_without_console_errors_and_shows_every_run(ablation, tmp_path):
-    from lmlab.html_report import write_report
+    from lmlab.lab.report import write_report
 
     page, _ = write_report(ablation, out=tmp_path / "report.html")
     # The check script goes into a copy: the report itself has no script at all.

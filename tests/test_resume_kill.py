@@ -18,7 +18,8 @@ import time
 import pytest
 
 from ckpt_support import events, leftovers, quiet, same_weights, schedules_available, series
-from lmlab import checkpoint, load_config, train
+from lmlab import load_config, train
+from lmlab.training import checkpoint
 
 CLI = [sys.executable, "-m", "lmlab.cli", "train"]
 TIMEOUT = 180  # seconds a subprocess may take to reach its step; generous for a loaded 2-core machine

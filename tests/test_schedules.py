@@ -9,9 +9,9 @@ import torch
 
 from lmlab.cli import main
 from lmlab.config import OptimConfig, load_config, parse_duration
-from lmlab.curriculum import parse_context_schedule
+from lmlab.data.curriculum import parse_context_schedule
 from lmlab.errors import LmlabError
-from lmlab.schedules import PlateauSchedule, Progress, build_schedule, lr_at, simulate
+from lmlab.training.schedules import PlateauSchedule, Progress, build_schedule, lr_at, simulate
 
 LR, MIN = 3e-3, 3e-4
 
@@ -219,9 +219,9 @@ def test_bad_schedule_settings_are_refused_with_the_key(overrides, message):
 
 
 def test_context_schedule_parses_and_the_batch_grows_as_the_context_shrinks(small_corpus, data_cache):
-    from lmlab.corpora import ensure_data
-    from lmlab.curriculum import Curriculum
-    from lmlab.data import Batches
+    from lmlab.data.corpora import ensure_data
+    from lmlab.data.curriculum import Curriculum
+    from lmlab.data.batches import Batches
 
     assert parse_context_schedule("32:0.25, 64:1", 64, 8) == [(32, 0.25), (64, 1.0)]
     train, valid = small_corpus

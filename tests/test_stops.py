@@ -7,8 +7,8 @@ import pytest
 
 from lmlab import load_config, train
 from lmlab.config import TrainConfig
-from lmlab.stops import StopRules
-from lmlab.track import read_metrics
+from lmlab.training.stops import StopRules
+from lmlab.rundir.metrics import read_metrics
 
 QUIET = dict(log=lambda *_: None)
 
@@ -124,9 +124,9 @@ class FakeTime:
 
 @pytest.mark.parametrize("max_steps", [30, 0])
 def test_max_time_stops_on_the_training_clock_and_the_schedule_decays_inside_it(tiny_overrides, monkeypatch, max_steps):
-    import lmlab.trainer
+    import lmlab.training.loop
 
-    monkeypatch.setattr(lmlab.trainer, "time", FakeTime())  # each step takes exactly one fake second
+    monkeypatch.setattr(lmlab.training.loop, "time", FakeTime())  # each step takes exactly one fake second
     run = train(load_config(None, tiny_overrides + [
         "train.max_time=8s", f"train.max_steps={max_steps}", "optim.schedule=linear", "optim.warmup_steps=0",
         "optim.lr=1e-2", "optim.min_lr=1e-3", "train.eval_every=0"]), **QUIET)
@@ -164,7 +164,7 @@ def test_plateau_schedule_cuts_the_lr_after_an_evaluation_without_improvement(ti
 
 
 def test_context_curriculum_trains_with_fixed_tokens_per_step(tiny_overrides, monkeypatch):
-    from lmlab.curriculum import Curriculum
+    from lmlab.data.curriculum import Curriculum
 
     shapes, at = [], Curriculum.at
 

@@ -13,7 +13,7 @@ import pytest
 from lmlab.cli import main
 from lmlab.config import load_config
 from lmlab.errors import LmlabError
-from lmlab.sweep import make_trials, parse_grid, parse_random, run_sweep, trial_config
+from lmlab.lab.sweep import make_trials, parse_grid, parse_random, run_sweep, trial_config
 
 QUIET = dict(log=lambda *_: None)
 

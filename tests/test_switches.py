@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from conftest import tinystories_documents
 from lmlab.config import CONFIGS_DIR, Config, ModelConfig, load_config, resolve_d_ff
-from lmlab.sampling import generate_ids
-from lmlab.layers import LayerNorm, RMSNorm
-from lmlab.model import Transformer, lm_loss
+from lmlab.model.sampling import generate_ids
+from lmlab.model.layers import LayerNorm, RMSNorm
+from lmlab.model.transformer import Transformer, lm_loss
 
 
 def config_of(**overrides):
@@ -213,7 +213,7 @@ def keynorm_reference(attention, x, rope, scale):
     k = attention.k_proj(x).view(B, T, 4, 16).transpose(1, 2)
     v = attention.v_proj(x).view(B, T, 4, 16).transpose(1, 2)
     k = k / k.norm(dim=-1, keepdim=True)
-    from lmlab.layers import apply_rope
+    from lmlab.model.layers import apply_rope
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     logits = scale * q @ k.transpose(-1, -2)
     logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
@@ -322,8 +322,8 @@ def byte_tokenizer_dir(tmp_path_factory):
 
 
 def save_as_run(model, run_dir, tokenizer_dir):
-    from lmlab.run import save_config, save_weights
-    from lmlab.tokenizer import Tokenizer
+    from lmlab.rundir.run import save_config, save_weights
+    from lmlab.data.tokenizer import Tokenizer
 
     run_dir.mkdir()
     save_config(run_dir, Config(model=model.config))
@@ -333,7 +333,7 @@ def save_as_run(model, run_dir, tokenizer_dir):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_every_variant_saves_loads_and_generates_the_same_with_and_without_cache(name, tmp_path, byte_tokenizer_dir):
-    from lmlab.run import load_run
+    from lmlab.rundir.run import load_run
 
     model = model_of(seed=5, vocab_size=257, **VARIANTS[name])
     with torch.no_grad():  # move gains, biases and scales off their initial values so that loading shows

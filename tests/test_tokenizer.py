@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmlab.errors import LmlabError
-from lmlab.tokenizer import EOT, Tokenizer, train_tokenizer
+from lmlab.data.tokenizer import EOT, Tokenizer, train_tokenizer
 
 DATA = Path(__file__).parent / "data"
-CORPORA = Path(__file__).resolve().parent.parent / "lmlab" / "corpora"
+CORPORA = Path(__file__).resolve().parent.parent / "lmlab" / "data" / "corpora"
 REAL_TEXTS = ["tinystories_sample.txt", "german.txt", "address.txt"]
 TRICKY = [
     "从前，有一只小猫。它很喜欢吃鱼。", "话说天下大势，分久必合，合久必分。",

@@ -12,17 +12,17 @@ import torch
 
 from evals_support import tiny_overrides
 from lmlab import load_config, train
-from lmlab.bpb import bits_per_byte, count_targets, token_byte_lengths
+from lmlab.evals.bpb import bits_per_byte, count_targets, token_byte_lengths
 from lmlab.config import ModelConfig
-from lmlab.data import Batches
+from lmlab.data.batches import Batches
 from lmlab.errors import LmlabError
-from lmlab.model import Transformer, lm_loss
-from lmlab.perf import mfu, peak_flops, table_peak
-from lmlab.runs import read_run
-from lmlab.sinks import StatusLine, check_sinks, status_line
-from lmlab.tokenizer import Tokenizer
-from lmlab.trainer import evaluate
-from lmlab.track import MetricsLog, read_metrics, scan_metrics
+from lmlab.model.transformer import Transformer, lm_loss
+from lmlab.training.perf import mfu, peak_flops, table_peak
+from lmlab.lab.table import read_run
+from lmlab.rundir.sinks import StatusLine, check_sinks, status_line
+from lmlab.data.tokenizer import Tokenizer
+from lmlab.training.loop import evaluate
+from lmlab.rundir.metrics import MetricsLog, read_metrics, scan_metrics
 
 
 def quiet(*_):

@@ -34,7 +34,7 @@ MMAP_THRESHOLD = 64 << 10
 def machine(device=None):
     """{what: value} of the machine and software a benchmark ran on, for the results file."""
     from lmlab import __version__
-    from lmlab.track import _cpu_name, git_state
+    from lmlab.rundir.env import _cpu_name, git_state
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -81,13 +81,13 @@ def model_config(shape, defaults=None):
 def transformers_model(model_config, hf_weights, device):
     """The reference: transformers' class for `model_config` (Llama; Qwen3 with qk_norm) holding lmlab's weights.
 
-    hf_weights come from lmlab.export.hf_state_dict, so both sides hold the same
+    hf_weights come from lmlab.model.hf.hf_state_dict, so both sides hold the same
     numbers; no bos / eos ids (nothing for generate's min_new_tokens to suppress);
     SDPA attention, as lmlab's.
     """
     import transformers
 
-    from lmlab.export import hf_architecture, hf_config
+    from lmlab.model.hf import hf_architecture, hf_config
 
     config = transformers.AutoConfig.for_model(**hf_config(model_config, None, None, None),
                                                attn_implementation="sdpa")
@@ -95,7 +95,7 @@ def transformers_model(model_config, hf_weights, device):
     missing, unexpected = model.load_state_dict(hf_weights, strict=False)
     if unexpected or set(missing) - ({"lm_head.weight"} if model_config.tie_embeddings else set()):
         raise LmlabError(f"exported weights do not fit {type(model).__name__} (missing {missing}, unexpected "
-                         f"{unexpected}); lmlab.export and transformers {transformers.__version__} disagree")
+                         f"{unexpected}); lmlab.model.hf and transformers {transformers.__version__} disagree")
     if model_config.tie_embeddings:
         model.tie_weights()  # a tied head is left out of the export on purpose
     return model.to(device)

@@ -14,7 +14,7 @@ Design choices:
   the reading process whatever the worker count). Files given are used as
   they are. MB/s counts the UTF-8 bytes of the documents (MB = 10^6 bytes).
 - prepare's shards must be byte-identical for every worker count (the
-  promise of lmlab.data); a difference raises. The first run of each count is
+  promise of lmlab.data.shards); a difference raises. The first run of each count is
   untimed: it warms the page cache and gives the shards to compare.
 - HF tokenizers sizes its Rayon thread pool once per process, so each
   tokenizer training runs in a fresh interpreter with RAYON_NUM_THREADS set;
@@ -48,10 +48,10 @@ RESULT_MARK = "lmlab-bench-result: "  # the line a tokenizer-training child prin
 # What a tokenizer-training child runs: imports first (untimed), then train_tokenizer alone is timed.
 CHILD = """
 import json, sys, time
-import lmlab.data, lmlab.tokenizer
+import lmlab.data.tokenizer
 files, vocab_size = json.loads(sys.argv[1])
 start = time.perf_counter()
-tokenizer = lmlab.tokenizer.train_tokenizer(files, vocab_size)
+tokenizer = lmlab.data.tokenizer.train_tokenizer(files, vocab_size)
 seconds = time.perf_counter() - start
 print(%r + json.dumps({"seconds": seconds, "fingerprint": tokenizer.fingerprint}), flush=True)
 """ % RESULT_MARK
@@ -68,8 +68,8 @@ def data_loader(config=None, device="cpu", batches=200, steps=5, log=print, repe
     Each turn fetches `batches` micro-batches per packing and runs `steps` training steps.
     """
     from lmlab.config import load_config
-    from lmlab.corpora import ensure_data
-    from lmlab.data import Batches
+    from lmlab.data.corpora import ensure_data
+    from lmlab.data.batches import Batches
     from lmlab.device import resolve_device, resolve_precision
 
     if batches < 1 or steps < 1 or repeats < 1:
@@ -124,9 +124,9 @@ def _fetch(loader, batches):
 def _training_step(config, tokenizer, device, precision, batch):
     """(a callable running one optimizer step on `batch`, the parameter count), set up as the trainer does."""
     from lmlab.device import grad_scaler
-    from lmlab.fastpaths import prepare_model
-    from lmlab.optim import build_optimizer
-    from lmlab.trainer import build_model
+    from lmlab.training.fastpaths import prepare_model
+    from lmlab.training.optim import build_optimizer
+    from lmlab.training.loop import build_model
 
     torch.manual_seed(config.train.seed)
     model = build_model(config, tokenizer).to(device)
@@ -153,14 +153,15 @@ def _training_step(config, tokenizer, device, precision, batch):
 
 
 def prepare_throughput(files=None, workers=(1, 2), log=print, tokenizer=None, repeats=REPEATS):
-    """MB/s of `lmlab.data.prepare` for each worker count, and speed-up over the first; a Section.
+    """MB/s of `lmlab.data.shards.prepare` for each worker count, and speed-up over the first; a Section.
 
     files: text / .jsonl files (default: the bundled TinyStories train file, decompressed).
     tokenizer: a lmlab Tokenizer (default: a 2048-token BPE trained on the files, untimed).
     Raises when the shards of two worker counts are not byte-identical.
     """
-    from lmlab.data import prepare
-    from lmlab.tokenizer import all_cores, train_tokenizer
+    from lmlab.data.shards import prepare
+    from lmlab.data.encode import all_cores
+    from lmlab.data.tokenizer import train_tokenizer
 
     workers = _counts(workers, "workers", zero_ok=True)
     if repeats < 1:
@@ -220,12 +221,12 @@ def check_identical_shards(dirs):
 
 
 def tokenizer_training(files=None, threads=(1, 2), vocab_size=2048, log=print, repeats=REPEATS):
-    """MB/s of `lmlab.tokenizer.train_tokenizer` with RAYON_NUM_THREADS=N, each run in a fresh process; a Section.
+    """MB/s of `lmlab.data.tokenizer.train_tokenizer` with RAYON_NUM_THREADS=N, each run in a fresh process; a Section.
 
     files: text / .jsonl files (default: the bundled TinyStories train file, decompressed).
     """
-    from lmlab.data import iter_documents
-    from lmlab.tokenizer import all_cores
+    from lmlab.data.documents import iter_documents
+    from lmlab.data.encode import all_cores
 
     threads = _counts(threads, "threads")
     if repeats < 1:
@@ -286,8 +287,8 @@ def _counts(values, what, zero_ok=False):
 
 def _input_files(files, tmp):
     """The files to measure: those given (checked), or the bundled TinyStories train text decompressed into tmp."""
-    from lmlab.corpora import bundled_corpus
-    from lmlab.data import check_file
+    from lmlab.data.corpora import bundled_corpus
+    from lmlab.data.documents import check_file
 
     if files is not None:
         files = [check_file(f) for f in ([files] if isinstance(files, (str, Path)) else files)]

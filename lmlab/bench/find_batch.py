@@ -38,7 +38,7 @@ from lmlab.bench.train import build_lmlab, random_batch, shape_name, step_peak
 from lmlab.config import resolve_d_ff
 from lmlab.device import resolve_device, resolve_precision
 from lmlab.errors import LmlabError
-from lmlab.model import Transformer
+from lmlab.model.transformer import Transformer
 
 BUDGET_SHARE = 0.9  # default CPU budget: this share of MemAvailable
 STATIC_BYTES_PER_PARAM = 16  # fp32 weight + gradient + AdamW's two moments

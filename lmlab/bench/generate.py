@@ -28,8 +28,8 @@ from lmlab.bench import common
 from lmlab.bench.common import Section, time_side_by_side, transformers_model
 from lmlab.device import autocast, resolve_device, resolve_precision
 from lmlab.errors import LmlabError
-from lmlab.model import Transformer
-from lmlab.sampling import generate_ids
+from lmlab.model.transformer import Transformer
+from lmlab.model.sampling import generate_ids
 
 # The quick-start model (configs/cpu-quickstart.toml) with room for 64 + 512 tokens.
 DEFAULT_SHAPE = dict(vocab_size=2048, context_length=1024, d_model=128, n_layers=4, n_heads=4, rope_theta=10000.0)
@@ -121,7 +121,7 @@ def _reference_model(model, device):
     """transformers' model with lmlab's weights, or None without transformers."""
     if importlib.util.find_spec("transformers") is None:
         return None
-    from lmlab.export import hf_state_dict
+    from lmlab.model.hf import hf_state_dict
 
     return transformers_model(model.config, hf_state_dict(model), device).eval()
 

@@ -32,16 +32,16 @@ import math
 
 import torch
 
-from lmlab import perf
+from lmlab.training import perf
 from lmlab.bench import common
 from lmlab.bench.common import Section, peak_memory, return_freed_memory, sync, time_side_by_side, transformers_model
 from lmlab.config import Config, TrainConfig, validate
 from lmlab.device import autocast, grad_scaler, resolve_device, resolve_precision
 from lmlab.errors import LmlabError
-from lmlab.export import hf_architecture, hf_state_dict
-from lmlab.fastpaths import prepare_model
-from lmlab.model import Transformer
-from lmlab.optim import build_optimizer, param_groups
+from lmlab.model.hf import hf_architecture, hf_state_dict
+from lmlab.training.fastpaths import prepare_model
+from lmlab.model.transformer import Transformer
+from lmlab.training.optim import build_optimizer, param_groups
 
 LADDER = (
     dict(d_model=128, n_layers=4, n_heads=4, context_length=128, vocab_size=2048),  # configs/cpu-quickstart.toml
@@ -284,7 +284,7 @@ def _notes(rows, device, precision, batch_size, steps, warmup, compile, peak, pe
         agreement = max(row["loss_rel_diff"] for row in rows)
         notes += [
             f"reference: transformers {transformers.__version__} {'/'.join(classes)} (sdpa attention) with lmlab's "
-            "weights (lmlab.export), its own loss with shift_labels=targets (the same targets as lmlab), "
+            "weights (lmlab.model.hf), its own loss with shift_labels=targets (the same targets as lmlab), "
             "torch AdamW with lmlab's parameter groups, hyper-parameters and fused setting",
             f"first-step losses agree to {agreement:.1g} relative (required: {LOSS_RTOL[precision]:g})",
             "speed ratio = lmlab tok/s / transformers tok/s (> 1: lmlab faster); "

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmlab.data import json_rows
+from lmlab.data.documents import json_rows
 from lmlab.errors import LmlabError
 from lmlab.evals.scoring import next_token_logprobs, score
 
@@ -94,7 +94,8 @@ def resolve_set(name_or_path):
 
 
 def _read_text(path):
-    from lmlab.data import COMPRESSED, _kind
+    from lmlab.data.documents import COMPRESSED
+    from lmlab.data.documents import _kind
 
     path = Path(path)
     _, compression = _kind(path)

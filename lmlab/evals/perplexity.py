@@ -5,11 +5,11 @@ Design choices:
   loss per token it does not depend on the tokenizer, so models with different
   vocabularies compare. The end-of-text token is predicted (and its nats
   count) but stands for 0 bytes, as in meta.json's `bytes`.
-- Bytes of target tokens come from `lmlab.bpb.token_byte_lengths`, the one
+- Bytes of target tokens come from `lmlab.evals.bpb.token_byte_lengths`, the one
   definition shared with the training loop's val_bpb (exact for byte-level
   BPE; special tokens count 0). For text files the bytes are the documents'
   own UTF-8 bytes, which is the same number for byte-level BPE.
-- A text file is read as documents (lmlab.data.iter_documents: .txt split on
+- A text file is read as documents (lmlab.data.documents.iter_documents: .txt split on
   <|endoftext|>, .jsonl one object per line, .gz / .xz fine). Each document is
   scored on its own, as the stream "<|endoftext|> document <|endoftext|>":
   every token of the document and the closing end-of-text are targets, so the
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmlab.bpb import token_byte_lengths
+from lmlab.evals.bpb import token_byte_lengths
 from lmlab.errors import LmlabError
 from lmlab.evals.scoring import score
 
@@ -45,7 +45,7 @@ def figures(nats, tokens, nbytes, hits=None):
 
 def read_documents(files, text_key="text", limit=0):
     """[(file, text)] of every document in `files`; `limit` > 0 keeps the first `limit` of each file."""
-    from lmlab.data import iter_documents
+    from lmlab.data.documents import iter_documents
 
     documents = []
     for file in files:
@@ -89,7 +89,7 @@ def text_perplexity(model, tokenizer, files, text_key="text", stride=None, limit
 
 def shard_perplexity(model, tokenizer, shards_dir, split="val", stride=None, limit=0, device=None, precision="fp32"):
     """Loss, perplexity and bits per byte of a prepared split, scored as the stream training reads."""
-    from lmlab.data import check_tokenizer, load_meta
+    from lmlab.data.shards import check_tokenizer, load_meta
 
     meta = load_meta(shards_dir)
     check_tokenizer(meta, tokenizer)

@@ -36,7 +36,7 @@ Design choices:
 
 import numpy as np
 
-from lmlab.bpb import token_byte_lengths
+from lmlab.evals.bpb import token_byte_lengths
 from lmlab.errors import LmlabError
 from lmlab.evals.scoring import score
 
@@ -82,7 +82,7 @@ def shard_stream(shards_dir, split="val", max_tokens=MAX_STREAM_TOKENS):
     """The first max_tokens tokens of a prepared split."""
     from pathlib import Path
 
-    from lmlab.data import load_meta
+    from lmlab.data.shards import load_meta
 
     meta = load_meta(shards_dir)
     parts, total = [], 0

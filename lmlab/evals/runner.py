@@ -34,7 +34,7 @@ class Target:
 
 def load_target(path, device="cpu", out=None):
     """A run directory, one of its checkpoints, or a Hugging Face folder, ready to evaluate."""
-    from lmlab.run import load_run
+    from lmlab.rundir.run import load_run
 
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -45,7 +45,7 @@ def load_target(path, device="cpu", out=None):
     if (path / "state.json").is_file() and path.parent.name == "checkpoints":
         return _load_checkpoint(path, device, out)
     if (path / "config.json").is_file():
-        from lmlab.export import load_hf_model
+        from lmlab.model.hf import load_hf_model
 
         model, tokenizer, _ = load_hf_model(path)
         return Target(path, model.to(device), tokenizer, None, Path(out) if out else path / "evals")
@@ -56,10 +56,10 @@ def load_target(path, device="cpu", out=None):
 def _load_checkpoint(path, device, out):
     from safetensors.torch import load_file
 
-    from lmlab import checkpoint
-    from lmlab.model import Transformer
-    from lmlab.run import load_run_config
-    from lmlab.tokenizer import Tokenizer
+    from lmlab.training import checkpoint
+    from lmlab.model.transformer import Transformer
+    from lmlab.rundir.run import load_run_config
+    from lmlab.data.tokenizer import Tokenizer
 
     checkpoint.verify(path)  # sizes and hashes: a damaged checkpoint is refused by name
     run_dir = path.parent.parent
@@ -76,7 +76,7 @@ def _load_checkpoint(path, device, out):
 
 def _run_data(target, log):
     """(tokenizer-checked shards dir) of the run's own data, built and cached like training does."""
-    from lmlab.corpora import ensure_data
+    from lmlab.data.corpora import ensure_data
 
     if target.config is None:
         raise LmlabError(f"{target.path} is a Hugging Face folder, which has no data of its own; "
@@ -91,7 +91,7 @@ def _probe_stream(target, probe_text, text_key, log):
     if probe_text:
         return probes.text_stream(target.tokenizer, probe_text, text_key=text_key)
     if target.config is None:
-        from lmlab.corpora import bundled_corpus
+        from lmlab.data.corpora import bundled_corpus
 
         _, val_files = bundled_corpus("tinystories")
         log(f"meaningful probe text: {val_files[0]} (give --probe-text for another)")
@@ -174,7 +174,7 @@ def run_evals(path, text=(), text_key="text", shards=None, split="val", val=Fals
 
 def _val_subset(target, log, device, precision):
     """The training loop's fixed validation subset: the same windows that give val_loss / val_bpb."""
-    from lmlab.data import Batches
+    from lmlab.data.batches import Batches
 
     config = target.config
     t = config.train

@@ -20,7 +20,7 @@ Design choices:
 - Trials are named by index and values (`002-lr=0.01`), so the same command
   gives the same names: a rerun skips every trial whose summary.json has a
   final status (completed, diverged, target_reached, time_budget); a trial
-  with a checkpoint continues from it (train.resume=auto, lmlab/resume.py),
+  with a checkpoint continues from it (train.resume=auto, lmlab/training/resume.py),
   any other partial trial starts again from scratch (its directory removed).
 - When optim.lr is swept and optim.min_lr is not, min_lr keeps its base ratio
   to lr (so a low-lr trial is not refused for min_lr > lr, and every trial
@@ -324,7 +324,7 @@ class Sweep:
         self.save()
 
     def _run_here(self, trial):
-        from lmlab.trainer import train
+        from lmlab.training.loop import train
 
         resuming = self._start(trial)
         error = None
@@ -407,7 +407,7 @@ def _last_line(path):
 def run_sweep(config_path=None, overrides=(), grid=(), random_items=(), n_trials=0, seed=0, out=None,
               workers=1, metric="best_val_loss", lr_scaling="", log=print):
     """Parse, check and run a sweep; write sweep.json, sweep.md, best.toml and plots. Returns the trials."""
-    from lmlab import sweep_report
+    from lmlab.lab import sweep_report
 
     if not out:
         raise LmlabError("give the sweep directory with --out DIR")

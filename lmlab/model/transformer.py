@@ -6,7 +6,7 @@ Design choices:
   RMSNorm and an LM head. No biases, no absolute position embedding.
 - Every ablation is one `model.` config key (norm, norm_position, position,
   ffn, qk_norm, key_norm, bias, tie_embeddings, n_kv_heads, dropout); the
-  pieces it swaps live in `lmlab.layers`. The Llama default is unchanged by
+  pieces it swaps live in `lmlab.model.layers`. The Llama default is unchanged by
   the switches' existence: same parameters, same numbers. Post-norm changes
   the blocks only; the final norm before the head stays, as in CS336's
   ablation, so that one switch changes one thing.
@@ -31,7 +31,7 @@ Design choices:
   that the loss can skip the full logits: with `loss_chunk` set, the LM head
   and an fp32 log-softmax run a chunk of rows at a time (`chunked_lm_loss`).
 - Speed switches that change no number are plain attributes set by
-  `lmlab.fastpaths.prepare_model`, not config fields of the model (they are
+  `lmlab.training.fastpaths.prepare_model`, not config fields of the model (they are
   not part of the architecture and stay out of checkpoints and exports):
   `loss_chunk`, `activation_checkpointing` and each attention's `backend`.
 """
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lmlab.config import ModelConfig
-from lmlab.layers import NORMS, RMSNorm, apply_rope, attend, make_ffn, make_norm, rope_tables
+from lmlab.model.layers import NORMS, RMSNorm, apply_rope, attend, make_ffn, make_norm, rope_tables
 
 
 class KVCache:
@@ -98,7 +98,7 @@ class Attention(nn.Module):
         self.scale = (config.key_norm_scale or 1.0) if self.key_norm else None  # None: SDPA's 1/sqrt(head_dim)
         learned_scale = self.key_norm and not config.key_norm_scale
         self.key_scale = nn.Parameter(torch.ones(self.n_heads)) if learned_scale else None
-        self.backend = "sdpa"  # train.attention: sdpa, eager, flash_attn, xformers (lmlab.layers.attend)
+        self.backend = "sdpa"  # train.attention: sdpa, eager, flash_attn, xformers (lmlab.model.layers.attend)
 
     def forward(self, x, rope=None, kv_cache=None, layer=0, attn_mask=None):
         B, T, _ = x.shape
@@ -185,7 +185,7 @@ class Transformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
-        # Speed switches (set by lmlab.fastpaths.prepare_model; the results do not change):
+        # Speed switches (set by lmlab.training.fastpaths.prepare_model; the results do not change):
         self.loss_chunk = 0  # rows of logits per chunk of the loss with targets; 0 = all at once
         self.activation_checkpointing = False  # recompute each block's activations in backward
 

@@ -1,4 +1,4 @@
-"""Optimizer: AdamW and its parameter groups (schedules live in lmlab/schedules.py).
+"""Optimizer: AdamW and its parameter groups (schedules live in lmlab/training/schedules.py).
 
 Design choices:
 - AdamW from torch itself (fused kernel where the device has one), so the
@@ -8,7 +8,7 @@ Design choices:
   only when asked for; its absence is an LmlabError, not an ImportError.
 - Weight decay only on matrices (dim >= 2: linear and embedding weights), never
   on norms' gains or biases: decaying a gain toward 0 fights the normalisation.
-- `lr_at` (re-exported from lmlab.schedules) gives a step-based schedule's
+- `lr_at` (re-exported from lmlab.training.schedules) gives a step-based schedule's
   learning rate without building a run: linear warmup reaches `lr` exactly at
   the last warmup step, and cosine decay reaches `min_lr` exactly at the last step.
 """
@@ -16,7 +16,7 @@ Design choices:
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.schedules import lr_at  # noqa: F401  (the schedule's value at a step, kept importable from here)
+from lmlab.training.schedules import lr_at  # noqa: F401  (the schedule's value at a step, kept importable from here)
 
 
 def param_groups(model, weight_decay):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lmlab import atomic
 from lmlab.errors import LmlabError
-from lmlab.track import scan_metrics
+from lmlab.rundir.metrics import scan_metrics
 
 # Not experiment variables: names that differ between any two runs, and switches that only change
 # what is observed (dashboards, console lines, norm records), never what is trained.

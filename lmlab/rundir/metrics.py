@@ -21,11 +21,6 @@ Design choices:
 
 import json
 import math
-import os
-import platform
-import shlex
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,12 +31,12 @@ from lmlab.errors import LmlabError
 NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
-def _clean(value):
+def jsonable(value):
     """JSON has no NaN/inf: write them as strings a reader can still parse (nested values too)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     return value
 
 
@@ -66,7 +61,7 @@ class MetricsLog:
         if "wall_s" not in event:  # right after the clocks, for people reading the file
             clocks = {k: event.pop(k) for k in ("step", "tokens", "elapsed_s") if k in event}
             event = {**clocks, "wall_s": round(time.perf_counter() - self.started, 3), **event}
-        self._file.write(json.dumps(_clean(event)) + "\n")
+        self._file.write(json.dumps(jsonable(event)) + "\n")
         for sink in list(self.sinks):
             try:
                 sink.write(event)
@@ -134,60 +129,4 @@ def read_metrics(path):
 
 
 def write_summary(run_dir, summary):
-    atomic.write_text(Path(run_dir) / "summary.json", json.dumps(_clean(summary), indent=2) + "\n")
-
-
-# ---------------------------------------------------------------- environment record
-
-
-def _git(args, cwd):
-    try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_state(cwd=None):
-    """{'commit', 'dirty', 'root'} of the git repository holding cwd, or None outside one."""
-    cwd = cwd or os.getcwd()
-    commit = _git(["rev-parse", "HEAD"], cwd)
-    if not commit:
-        return None
-    status = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
-    return {"commit": commit, "dirty": bool(status), "root": _git(["rev-parse", "--show-toplevel"], cwd)}
-
-
-def _cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device=None, precision=None, **extra):
-    """What the run ran on and from, as a dict for env.json."""
-    import numpy
-    import tokenizers
-    import torch
-
-    from lmlab import __version__
-
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return {
-        "lmlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "numpy": numpy.__version__, "tokenizers": tokenizers.__version__,
-        "platform": platform.platform(), "hostname": platform.node(), "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(), "gpus": gpus, "device": str(device) if device is not None else None,
-        "precision": precision, "threads": torch.get_num_threads(), **extra,
-        "git": git_state(), "cwd": os.getcwd(), "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def write_env(run_dir, **info):
-    """env.json in the run directory (see `environment` for the fields)."""
-    atomic.write_text(Path(run_dir) / "env.json", json.dumps(_clean(environment(**info)), indent=2) + "\n")
+    atomic.write_text(Path(run_dir) / "summary.json", json.dumps(jsonable(summary), indent=2) + "\n")

@@ -126,7 +126,7 @@ def export_hf(run, out_dir, log=None):
     """Write a run (a directory or a loaded `Run`) as a Hugging Face folder; returns its path."""
     from safetensors.torch import save_file
 
-    from lmlab.run import Run, load_run
+    from lmlab.rundir.run import Run, load_run
 
     if not isinstance(run, Run):
         run = load_run(run)
@@ -252,7 +252,7 @@ def read_hf_weights(hf_dir):
 
 def load_hf_model(hf_dir):
     """(Transformer, Tokenizer, ModelConfig) from a local Hugging Face Llama / Qwen3 folder."""
-    from lmlab.model import Transformer
+    from lmlab.model.transformer import Transformer
 
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
@@ -294,7 +294,7 @@ def load_hf_tokenizer(hf_dir, hf_config=None):
     """
     from tokenizers import Tokenizer as HFTokenizer
 
-    from lmlab.tokenizer import EOT, Tokenizer
+    from lmlab.data.tokenizer import EOT, Tokenizer
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "tokenizer.json").is_file():
@@ -330,12 +330,12 @@ def load_hf_tokenizer(hf_dir, hf_config=None):
 def import_hf(hf_dir, run_dir, log=None):
     """Turn a local Hugging Face Llama / Qwen3 folder into a run directory; returns its path.
 
-    The run loads with `lmlab.run.load_run`, samples with `lmlab generate` and
+    The run loads with `lmlab.rundir.run.load_run`, samples with `lmlab generate` and
     exports back to the same folder. Its config records the source folder as
     model.init_from and data.tokenizer, so `lmlab train --config RUN/config.toml`
     continues from these weights with this tokenizer.
     """
-    from lmlab.run import save_config, save_weights
+    from lmlab.rundir.run import save_config, save_weights
 
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     model, tokenizer, model_config = load_hf_model(hf_dir)

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from lmlab import atomic
-from lmlab.distributed import Parallel
+from lmlab.training.distributed import Parallel
 from lmlab.errors import LmlabError
 
 FORMAT = 1

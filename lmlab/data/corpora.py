@@ -1,8 +1,8 @@
 """Bundled corpora and the cache that turns a DataConfig into (tokenizer, shards).
 
 Design choices:
-- Two small real corpora ship inside the package (lmlab/corpora/<name>/
-  {train,valid}.txt.xz; origin and licenses in lmlab/corpora/SOURCES.md), so
+- Two small real corpora ship inside the package (lmlab/data/corpora/<name>/
+  {train,valid}.txt.xz; origin and licenses in lmlab/data/corpora/SOURCES.md), so
   `lmlab train` works offline on a fresh install.
 - Built tokenizers and shards are cached under cache_dir, keyed by a hash of
   everything that determines them (files' paths, sizes and mtimes; vocab size;
@@ -19,9 +19,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lmlab.data import check_file, check_tokenizer, load_meta, prepare
+from lmlab.data.documents import check_file
+from lmlab.data.shards import check_tokenizer, load_meta, prepare
 from lmlab.errors import LmlabError
-from lmlab.tokenizer import EOT, Tokenizer, train_tokenizer
+from lmlab.data.tokenizer import EOT, Tokenizer, train_tokenizer
 
 CORPORA_DIR = Path(__file__).parent / "corpora"
 CACHE_VERSION = 1  # bump when the tokenizer recipe or shard format changes, to invalidate old entries

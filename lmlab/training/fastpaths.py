@@ -6,11 +6,11 @@ the callable the training loop runs: `loss = step_fn(x, targets=y)` (and
 computed, only how; tests/test_fastpaths.py checks each against the plain path.
 
     train.precision               bf16 / fp16 autocast, fp32 master weights (lmlab.device)
-    train.attention               sdpa (default), eager, flash_attn, xformers (lmlab.layers.attend)
+    train.attention               sdpa (default), eager, flash_attn, xformers (lmlab.model.layers.attend)
     train.activation_checkpointing  recompute each block in backward (Transformer.forward)
     train.loss_chunk              LM head + fp32 loss chunk by chunk of rows (model.chunked_lm_loss)
     train.compile                 torch.compile of the model, the loss included
-    optim.name / optim.fused      adamw8bit (bitsandbytes) / fused AdamW (lmlab.optim)
+    optim.name / optim.fused      adamw8bit (bitsandbytes) / fused AdamW (lmlab.training.optim)
 
 Design choices:
 - Switches are attributes of the model set here, not fields of ModelConfig:
@@ -29,8 +29,8 @@ import torch
 
 from lmlab.device import autocast, resolve_precision
 from lmlab.errors import LmlabError
-from lmlab.layers import optional_module
-from lmlab.model import Attention
+from lmlab.model.layers import optional_module
+from lmlab.model.transformer import Attention
 
 
 def prepare_model(model, config, device, precision=None):

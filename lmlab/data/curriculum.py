@@ -59,7 +59,7 @@ class Curriculum:
     """The training batches for a given progress: the plain loader, or the current stage's."""
 
     def __init__(self, config, shards_dir, full_batches):
-        from lmlab.data import Batches
+        from lmlab.data.batches import Batches
 
         t, m = config.train, config.model
         self.full = full_batches

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from lmlab import atomic
 from lmlab.evals.output import eval_summaries
-from lmlab.report import compare_figure, save_figure
-from lmlab.runs import format_table, human_count, human_time, read_runs, runs_table
+from lmlab.rundir.plots import compare_figure, save_figure
+from lmlab.lab.table import format_table, human_count, human_time, read_runs, runs_table
 
 # (metric, clock): the report's figures, in order; a figure no run has data for is left out.
 FIGURES = [("val_loss", "step"), ("val_loss", "time"), ("val_loss", "tokens"), ("val_loss", "wall"),

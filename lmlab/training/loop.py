@@ -29,30 +29,33 @@ import time
 import torch
 from tqdm import tqdm
 
-from lmlab import atomic, run as rundir
+from lmlab import atomic
+from lmlab.rundir import run as rundir
 from lmlab.config import resolve_d_ff, total_steps, validate
-from lmlab.corpora import ensure_data
-from lmlab.data import Batches, FixedBatches, unigram_loss
+from lmlab.data.corpora import ensure_data
+from lmlab.data.batches import Batches, FixedBatches, unigram_loss
 from lmlab.device import autocast, grad_scaler, resolve_device, resolve_precision
 from lmlab.errors import LmlabError
-from lmlab.sampling import generate
-from lmlab.fastpaths import prepare_model
-from lmlab.model import Transformer
-from lmlab.optim import build_optimizer, set_lr
-from lmlab import schedules
-from lmlab.curriculum import Curriculum
-from lmlab.stops import StopRules
-from lmlab.report import plot_loss
-from lmlab.track import MetricsLog, NoMetrics, write_summary
-from lmlab import bpb, perf
-from lmlab.norms import NormProbe
+from lmlab.model.sampling import generate
+from lmlab.training.fastpaths import prepare_model
+from lmlab.model.transformer import Transformer
+from lmlab.training.optim import build_optimizer, set_lr
+from lmlab.training import schedules
+from lmlab.data.curriculum import Curriculum
+from lmlab.training.stops import StopRules
+from lmlab.rundir.plots import plot_loss
+from lmlab.rundir.metrics import MetricsLog, NoMetrics, write_summary
+from lmlab.evals import bpb
+from lmlab.training import perf
+from lmlab.training.norms import NormProbe
 from lmlab.evals.training import TrainingEvals
-from lmlab.sinks import StatusLine, check_sinks, open_sinks
-from lmlab.track import write_env
-from lmlab import checkpoint, resume
-from lmlab.distributed import Parallel
-from lmlab.faults import NonFiniteGuard
-from lmlab.signals import StopSignals
+from lmlab.rundir.sinks import StatusLine, check_sinks, open_sinks
+from lmlab.rundir.env import write_env
+from lmlab.training import checkpoint
+from lmlab.training import resume
+from lmlab.training.distributed import Parallel
+from lmlab.training.faults import NonFiniteGuard
+from lmlab.training.signals import StopSignals
 
 
 def build_model(config, tokenizer):
@@ -63,7 +66,7 @@ def build_model(config, tokenizer):
     """
     m = config.model
     if m.init_from:
-        from lmlab.export import load_hf_model
+        from lmlab.model.hf import load_hf_model
 
         pretrained, _, hf_config = load_hf_model(m.init_from)
         if tokenizer.vocab_size > hf_config.vocab_size:

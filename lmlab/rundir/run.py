@@ -67,8 +67,8 @@ def load_run(path, device="cpu"):
     """Load a run's model (eval mode), tokenizer and config from its directory."""
     from safetensors.torch import load_file
 
-    from lmlab.model import Transformer
-    from lmlab.tokenizer import Tokenizer
+    from lmlab.model.transformer import Transformer
+    from lmlab.data.tokenizer import Tokenizer
 
     path = Path(path)
     if not path.is_dir():

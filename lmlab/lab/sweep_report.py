@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lmlab import atomic  # noqa: E402
 from lmlab.config import from_dict, to_toml  # noqa: E402
-from lmlab.track import read_metrics  # noqa: E402
+from lmlab.rundir.metrics import read_metrics  # noqa: E402
 
 GOOD = ("completed", "target_reached", "time_budget")
 

@@ -139,8 +139,8 @@ def _check_budget(run_dir, config, state):
 
 
 def _check_data(run_dir, state, shards_dir):
-    from lmlab.checkpoint import data_identity
-    from lmlab.data import load_meta
+    from lmlab.training.checkpoint import data_identity
+    from lmlab.data.shards import load_meta
 
     now, then = data_identity(load_meta(shards_dir)), state.get("data") or {}
     differences = [f"{key} {now.get(key)} (the run had {then.get(key)})"
@@ -169,7 +169,7 @@ class Resumed:
 
         Returns (step, elapsed_s, best_val, val_loss, loss) to continue from.
         """
-        from lmlab.checkpoint import load_into
+        from lmlab.training.checkpoint import load_into
 
         state = self.state or {}
         if metrics.path is not None:  # rank 0 (the other ranks of a torchrun job write no metrics)
@@ -203,7 +203,7 @@ def prepare(config, log=print):
     config.train.run_name / runs_dir to the resumed run and config.model to the run's
     resolved model section. `Resumed.check_data` follows once the data is there.
     """
-    from lmlab import checkpoint
+    from lmlab.training import checkpoint
     from lmlab.config import from_dict
 
     t = config.train

@@ -231,7 +231,7 @@ def plot_schedule(config, out, n_steps=None):
     import matplotlib.pyplot as plt
 
     from lmlab import atomic
-    from lmlab.curriculum import parse_context_schedule
+    from lmlab.data.curriculum import parse_context_schedule
 
     o, t = config.optim, config.train
     points, measure = simulate(config, n_steps)

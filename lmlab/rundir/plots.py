@@ -30,7 +30,7 @@ from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from lmlab import atomic  # noqa: E402
 from lmlab.errors import LmlabError  # noqa: E402
-from lmlab.track import read_metrics  # noqa: E402
+from lmlab.rundir.metrics import read_metrics  # noqa: E402
 
 CLOCKS = {"step": ("step", "step"), "tokens": ("tokens", "tokens"),
           "time": ("elapsed_s", "training time"), "wall": ("wall_s", "wall-clock time")}
@@ -182,12 +182,3 @@ def save_figure(fig, out):
         paths.append(path)
     plt.close(fig)
     return paths
-
-
-def compare(paths, out=None, x="step", metric="val_loss", logx=False, logy=False, smooth=None):
-    """Curves of the runs in `paths` (run directories or directories of runs) -> [png, svg] paths."""
-    from lmlab.runs import read_runs
-
-    records = read_runs(paths)
-    fig = compare_figure(records, x=x, metric=metric, logx=logx, logy=logy, smooth=smooth)
-    return save_figure(fig, out or f"compare-{metric}-{x}.png")
