@@ -1,11 +1,14 @@
 """Atomic file writes: a reader sees the old file or the new one, never half.
 
 Write to a temporary name in the same directory, fsync, then rename over the
-target (rename is atomic on POSIX within one filesystem).
+target (rename is atomic on POSIX within one filesystem). `read_json` is the
+one reader of the small JSON files lmlab and Hugging Face folders hold.
 """
 
 import contextlib
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,6 +31,36 @@ def atomic_path(path):
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(target):
+    """Yield an empty temporary directory that becomes `target` when the block succeeds.
+
+    An existing non-empty `target` is an LmlabError (nothing is overwritten).
+    """
+    from lmlab.errors import LmlabError
+
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise LmlabError(f"{target} already exists; give a new directory (nothing was overwritten)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        # mkdtemp, mkstemp and safetensors make private (0600 / 0700) files; a
+        # folder meant for sharing gets the user's usual permissions instead.
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in tmp.rglob("*"):
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if target.exists():
+            target.rmdir()  # an empty directory the user made for us
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -58,3 +91,28 @@ def write_tensors(save, obj, path):
             raise
         code = int(found.group(1))
         raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def read_json(path, tolerant=False):
+    """The JSON value in `path`.
+
+    A missing, damaged or half-read file is None when `tolerant` (a reader of a run
+    that may be being written right now), else an LmlabError naming the file.
+    """
+    from lmlab.errors import LmlabError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if tolerant:
+            return None
+        raise LmlabError(f"{path} does not exist") from None
+    except OSError as e:
+        if tolerant:
+            return None
+        raise LmlabError(f"{path} cannot be read: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        if tolerant:
+            return None
+        raise LmlabError(f"{path} is not valid JSON: {e}") from None

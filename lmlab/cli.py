@@ -1,5 +1,12 @@
 """The `lmlab` command: verbs -> functions. Argument parsing only, no logic.
 
+Each verb is one section below: a function that adds its flags, a function
+that runs it (parsed arguments in, one call out), and a `Verb` naming both
+with its help texts; `VERBS` lists them in the order `lmlab --help` shows.
+A run function imports what it calls when it runs, so that `lmlab --help`
+never imports torch. `lmlab eval`'s options are the fields of
+`lmlab.evals.options.EvalOptions`, which makes its flags.
+
 Expected mistakes (`LmlabError`, and a disk that refuses a write: full,
 read-only, no permission) print one line and exit with status 2. A training
 run stopped by SIGINT / SIGTERM, after saving its checkpoint, exits with 130 / 143.
@@ -9,33 +16,91 @@ import argparse
 import errno
 import sys
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from lmlab.errors import LmlabError
+from lmlab.evals.options import EvalOptions
 
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 EPILOG_OVERRIDES = "Any config key can follow as KEY=VALUE, e.g. optim.lr=3e-3 train.max_steps=5000."
+RUN_HELP = "run directory, e.g. runs/cpu-quickstart-20260101-120000"
 
 
-def _add_config_args(parser):
-    parser.add_argument("--config", metavar="FILE",
-                        help="TOML config file or preset name (default: the CPU quick start, cpu-quickstart)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-3")
+@dataclass(frozen=True)
+class Verb:
+    """One `lmlab` verb: its parser's texts, the function adding its flags, the function running it."""
+
+    name: str
+    help: str
+    flags: Callable[[argparse.ArgumentParser], None] | None = None
+    run: Callable[[argparse.Namespace], int | None] | None = None  # returns the exit status (None: 0)
+    description: str | None = None
+    epilog: str | None = None
+    verbs: tuple = ()  # sub-verbs, in place of flags and run (lmlab tokenizer train)
 
 
-def cmd_train(args):
+def config_flags(p):
+    """--config and KEY=VALUE overrides, for the verbs that read a config."""
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML config file or preset name (default: the CPU quick start, cpu-quickstart)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-3")
+
+
+def print_now(*parts):
+    print(*parts, flush=True)
+
+
+# ---------------------------------------------------------------- lmlab train
+
+def train_flags(p):
+    config_flags(p)
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue run directory RUN from its latest checkpoint (its config.toml, then any "
+                        "KEY=VALUE; model, data and batch keys cannot change)")
+
+
+def run_train(args):
     from lmlab.config import load_config
     from lmlab.training.resume import resume_config
 
     # config mistakes surface before torch is imported
     config = resume_config(args.resume, args.config, args.overrides) if args.resume else load_config(
         args.config, args.overrides)
-    from lmlab.training.signals import exit_code
     from lmlab.training.loop import train
+    from lmlab.training.signals import exit_code
 
     return exit_code(train(config))  # 0, or 130 / 143 when SIGINT / SIGTERM stopped the run
 
 
-def cmd_bench(args):
+TRAIN = Verb(
+    "train", "train a model (default: the CPU quick start on bundled TinyStories)", train_flags, run_train,
+    description="Train a model. With no arguments, runs the CPU quick-start preset on the bundled TinyStories "
+                "corpus, building its tokenizer and shards first if needed.",
+    epilog=EPILOG_OVERRIDES + " `lmlab config --keys` lists every key. Architecture switches for ablations: "
+           "model.norm (rmsnorm, layernorm, none), model.norm_position (pre, post), model.position (rope, nope, "
+           "learned), model.ffn (swiglu, silu, gelu), model.qk_norm, model.key_norm, model.key_norm_scale, "
+           "model.bias, model.tie_embeddings, model.n_kv_heads. Several GPUs or processes: "
+           "`torchrun --nproc_per_node=N -m lmlab train ...` (train.parallel=ddp or fsdp; train.grad_accum is "
+           "split over the N ranks).")
+
+
+# ---------------------------------------------------------------- lmlab bench
+
+def bench_flags(p):
+    config_flags(p)
+    p.add_argument("--only", default="all", metavar="LIST",
+                   help="comma-separated: train, generate, loader, prepare, tokenizer (default: all)")
+    p.add_argument("--find-batch", action="store_true",
+                   help="instead: the largest micro-batch of the config's model whose training step fits "
+                        "(GPU: its memory; CPU: --budget-mib)")
+    p.add_argument("--budget-mib", type=float, metavar="MIB",
+                   help="memory budget for --find-batch on CPU (default: 90%% of the memory available now)")
+    p.add_argument("--no-reference", action="store_true", help="measure lmlab only, without transformers")
+    p.add_argument("--out", metavar="FILE", help="also write the Markdown report here (and its rows to FILE.json)")
+
+
+def run_bench(args):
     from lmlab.bench.suite import parse_only
     from lmlab.config import load_config
 
@@ -52,13 +117,45 @@ def cmd_bench(args):
         print(f"report -> {args.out} (rows: {args.out}.json)")
 
 
-def cmd_config(args):
+BENCH = Verb(
+    "bench", "measure speed and memory, side by side with transformers' Llama", bench_flags, run_bench,
+    description="Benchmarks on this machine, each next to a reference in the same process: training step "
+                "(tokens/s, MFU, peak memory) against transformers' LlamaForCausalLM with the same shape and "
+                "weights, for the config's model and a ladder of sizes; generation with and without the KV "
+                "cache; the data loader against the training step; prepare and tokenizer training against the "
+                "number of cores. Device, precision and compile come from the config.",
+    epilog=EPILOG_OVERRIDES + " Results of this project's machines: benchmarks/RESULTS.md.")
+
+
+# ---------------------------------------------------------------- lmlab config
+
+def config_verb_flags(p):
+    config_flags(p)
+    p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
+
+
+def run_config(args):
     from lmlab.config import describe_keys, load_config, to_toml
 
     print(describe_keys() if args.keys else to_toml(load_config(args.config, args.overrides)), end="\n")
 
 
-def cmd_tokenizer_train(args):
+CONFIG = Verb("config", "print the resolved config, or every key with --keys", config_verb_flags, run_config,
+              epilog=EPILOG_OVERRIDES)
+
+
+# ---------------------------------------------------------------- lmlab tokenizer train
+
+def tokenizer_train_flags(p):
+    p.add_argument("files", nargs="+", metavar="FILE", help="text or .jsonl files (.gz / .xz accepted)")
+    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write tokenizer.json to")
+    p.add_argument("--special-token", action="append", default=None, metavar="TOKEN",
+                   help="special token (repeatable; default <|endoftext|>)")
+    p.add_argument("--text-key", default="text", help="JSON field holding the text in .jsonl files")
+
+
+def run_tokenizer_train(args):
     from lmlab.data.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(args.files, args.vocab_size, special_tokens=args.special_token,
@@ -67,7 +164,27 @@ def cmd_tokenizer_train(args):
     print(f"tokenizer with {tokenizer.vocab_size} tokens ({tokenizer.fingerprint}) -> {args.out}")
 
 
-def cmd_prepare(args):
+TOKENIZER = Verb("tokenizer", "train a byte-level BPE tokenizer", verbs=(
+    Verb("train", "train a byte-level BPE tokenizer on text / JSONL files", tokenizer_train_flags,
+         run_tokenizer_train,
+         description="Train a byte-level BPE tokenizer (HF tokenizers) and save tokenizer.json."),))
+
+
+# ---------------------------------------------------------------- lmlab prepare
+
+def prepare_flags(p):
+    p.add_argument("files", nargs="+", metavar="FILE", help="training text or .jsonl files (.gz / .xz accepted)")
+    p.add_argument("--tokenizer", required=True, metavar="DIR",
+                   help="directory with tokenizer.json (or vocab.json + merges.txt), or a tokenizer.json file")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for the shards")
+    p.add_argument("--val", nargs="+", metavar="FILE", help="validation files (default: hold out --val-fraction)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for validation")
+    p.add_argument("--text-key", default="text", help="JSON field holding the text in .jsonl files")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="processes that tokenize, one core each (default 0: every core); the shards are the same")
+
+
+def run_prepare(args):
     from lmlab.data.shards import prepare
     from lmlab.data.tokenizer import Tokenizer
 
@@ -78,7 +195,26 @@ def cmd_prepare(args):
     print(f"{counts} -> {args.out}")
 
 
-def cmd_generate(args):
+PREPARE = Verb(
+    "prepare", "tokenize text into train / validation shards", prepare_flags, run_prepare,
+    description="Tokenize text or JSONL files into memory-mapped .npy token shards (train and val) plus meta.json.")
+
+
+# ---------------------------------------------------------------- lmlab generate
+
+def generate_flags(p):
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
+    p.add_argument("--prompt", default="Once upon a time", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--device", default="cpu", help="device to run on (cpu, cuda, mps, auto)")
+
+
+def run_generate(args):
     from lmlab.device import resolve_device
     from lmlab.model.sampling import generate
     from lmlab.rundir.run import load_run
@@ -91,25 +227,84 @@ def cmd_generate(args):
     print()
 
 
-def cmd_export(args):
-    from lmlab.model.hf import export_hf
+GENERATE = Verb(
+    "generate", "sample text from a trained run", generate_flags, run_generate,
+    description="Sample a continuation of a prompt from a run's model, streamed to the terminal.")
+
+
+# ---------------------------------------------------------------- lmlab export / import
+
+def export_flags(p):
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
+    p.add_argument("out", metavar="OUT_DIR", help="new (or empty) directory to write the Hugging Face folder to")
+
+
+def run_export(args):
+    from lmlab.rundir.hf import export_hf
 
     export_hf(args.run, args.out, log=print)
 
 
-def cmd_import(args):
-    from lmlab.model.hf import import_hf
+EXPORT = Verb(
+    "export", "write a run as a Hugging Face folder (Llama, or Qwen3 with QK-norm)", export_flags, run_export,
+    description="Write a run's model and tokenizer as a Hugging Face folder (config.json, model.safetensors, "
+                "tokenizer.json, tokenizer_config.json, generation_config.json) that "
+                "transformers.AutoModelForCausalLM loads: LlamaForCausalLM, or Qwen3ForCausalLM when "
+                "model.qk_norm is on. Models with other switches (no norm, post-norm, NoPE, SiLU FFN, ...) "
+                "are refused.")
+
+
+def import_flags(p):
+    p.add_argument("hf_dir", metavar="HF_DIR", help="local Hugging Face model folder")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="new run directory to create")
+
+
+def run_import(args):
+    from lmlab.rundir.hf import import_hf
 
     import_hf(args.hf_dir, args.run_dir, log=print)
 
 
-def cmd_runs(args):
+IMPORT = Verb(
+    "import", "turn a local Hugging Face Llama / Qwen3 folder into a run directory", import_flags, run_import,
+    description="Read a local Hugging Face LlamaForCausalLM / Qwen3ForCausalLM folder (config.json, safetensors "
+                "weights, tokenizer.json) into a run directory that lmlab generate, eval and export use.")
+
+
+# ---------------------------------------------------------------- lmlab runs / compare / report / note
+
+def runs_flags(p):
+    p.add_argument("dirs", nargs="*", metavar="DIR", help="run directories or directories of runs (default: runs)")
+    p.add_argument("--format", choices=("text", "markdown", "tsv"), default="text", help="table format")
+
+
+def run_runs(args):
     from lmlab.lab.table import format_table, read_runs, runs_table
 
     print(format_table(*runs_table(read_runs(args.dirs)), style=args.format))
 
 
-def cmd_compare(args):
+RUNS = Verb(
+    "runs", "table of runs: status, steps, time, losses and the config keys that differ", runs_flags, run_runs,
+    description="One row per run: name, status, steps, tokens, training time, best and final validation loss, "
+                "tokens/s, then every config key in which the runs differ.")
+
+
+def compare_flags(p):
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or directories of runs)")
+    p.add_argument("--x", choices=("step", "time", "tokens", "wall"), default="step",
+                   help="x axis: step, time (training time), tokens, wall (wall-clock time, everything included)")
+    p.add_argument("--metric", default="val_loss",
+                   help="metric from metrics.jsonl: val_loss, loss, val_bpb, val_ppl, lr, grad_norm, tokens_per_s, mfu")
+    p.add_argument("--out", metavar="FILE",
+                   help="output file (.png; the .svg goes beside it); default compare-METRIC-X.png")
+    p.add_argument("--logx", action="store_true", help="log-scale x axis")
+    p.add_argument("--logy", action="store_true", help="log-scale y axis")
+    p.add_argument("--smooth", type=int, default=None, metavar="N",
+                   help="moving average over N points (default: about 1/25 of the curve for train loss, none else)")
+
+
+def run_compare(args):
     from lmlab.lab.compare import compare
 
     paths = compare(args.runs, out=args.out, x=args.x, metric=args.metric, logx=args.logx, logy=args.logy,
@@ -117,20 +312,57 @@ def cmd_compare(args):
     print(" ".join(str(p) for p in paths))
 
 
-def cmd_report(args):
+COMPARE = Verb(
+    "compare", "curves of several runs in one figure (PNG and SVG)", compare_flags, run_compare,
+    description="Draw a metric of several runs against steps, training time, tokens or wall-clock time in one "
+                "figure, written as PNG and SVG. A diverged run ends in an X, a run that hit its target in a star.")
+
+
+def report_flags(p):
+    p.add_argument("dir", metavar="DIR", help="directory of runs (or one run directory)")
+    p.add_argument("--out", metavar="FILE", help="HTML file to write (default DIR/report.html); report.md goes beside it")
+
+
+def run_report(args):
     from lmlab.lab.report import write_report
 
     html_path, md_path = write_report(args.dir, out=args.out)
     print(f"{html_path} (open it in a browser) and {md_path}")
 
 
-def cmd_note(args):
+REPORT = Verb(
+    "report", "self-contained HTML experiment log (and a Markdown twin) of a runs directory", report_flags,
+    run_report,
+    description="Write DIR/report.html (opens from disk, no server) and DIR/report.md: the runs table, the curves "
+                "on each clock, and per run its differing config keys, notes and samples.")
+
+
+def note_flags(p):
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("text", metavar="TEXT", help="the note, e.g. \"diverged at step 300: lr too high\"")
+
+
+def run_note(args):
     from lmlab.lab.table import add_note
 
     print(f"noted in {add_note(args.run, args.text)}")
 
 
-def cmd_schedule(args):
+NOTE = Verb("note", "add a dated note to a run (shown by lmlab report)", note_flags, run_note,
+            description="Append a dated line to RUN/notes.md; lmlab report shows a run's notes.")
+
+
+# ---------------------------------------------------------------- lmlab schedule
+
+def schedule_flags(p):
+    config_flags(p)
+    p.add_argument("--out", metavar="FILE", help="PNG to write (default NAME-schedule.png)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="steps to draw; for a run bounded by train.max_time, the steps you expect to fit in it "
+                        "(default train.max_steps, or 1000)")
+
+
+def run_schedule(args):
     from lmlab.config import load_config
     from lmlab.training.schedules import plot_schedule
 
@@ -141,195 +373,17 @@ def cmd_schedule(args):
     print(f"-> {out}")
 
 
-def cmd_sweep(args):
-    from lmlab.lab.sweep import run_sweep
-
-    run_sweep(args.config, args.overrides, grid=args.grid, random_items=args.random, n_trials=args.trials,
-              seed=args.seed, out=args.out, workers=args.workers, metric=args.metric, lr_scaling=args.lr_scaling,
-              log=lambda *parts: print(*parts, flush=True))
-
-
-def _int_list(text):
-    try:
-        return [int(n) for n in text.split(",") if n.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 4,8,16") from None
+SCHEDULE = Verb(
+    "schedule", "plot a config's learning-rate schedule (no training)", schedule_flags, run_schedule,
+    description="Plot the learning rate of a config over its run (and its context curriculum) to a PNG, and print "
+                "the values at the end of warmup, the end of the stable phase (wsd) and the last step.",
+    epilog=EPILOG_OVERRIDES)
 
 
-def cmd_eval(args):
-    from lmlab.evals.runner import run_evals
+# ---------------------------------------------------------------- lmlab sweep
 
-    run_evals(args.run, text=args.text, text_key=args.text_key, shards=args.shards, split=args.split, val=args.val,
-              probe=args.probe, probe_text=args.probe_text, lengths=args.lengths, samples=args.samples,
-              separator=args.separator, choice_sets=args.choice, fmt=args.format, style=args.style,
-              fewshot=args.fewshot, shots=args.shots, norm=args.norm, stride=args.stride, limit=args.limit,
-              seed=args.seed, device=args.device, precision=args.precision, out=args.out,
-              log=lambda *parts: print(*parts, flush=True))
-
-
-def build_parser():
-    from lmlab import __version__
-
-    parser = argparse.ArgumentParser(prog="lmlab", description="Pretrain small language models and run experiments on them.")
-    parser.add_argument("--version", action="version", version=f"lmlab {__version__}")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-
-    p = verbs.add_parser("train", help="train a model (default: the CPU quick start on bundled TinyStories)",
-                         description="Train a model. With no arguments, runs the CPU quick-start preset on the "
-                                     "bundled TinyStories corpus, building its tokenizer and shards first if needed.",
-                         epilog=EPILOG_OVERRIDES + " `lmlab config --keys` lists every key. Architecture "
-                                "switches for ablations: model.norm (rmsnorm, layernorm, none), "
-                                "model.norm_position (pre, post), model.position (rope, nope, learned), "
-                                "model.ffn (swiglu, silu, gelu), model.qk_norm, model.key_norm, "
-                                "model.key_norm_scale, model.bias, model.tie_embeddings, model.n_kv_heads. "
-                                "Several GPUs or processes: `torchrun --nproc_per_node=N -m lmlab train ...` "
-                                "(train.parallel=ddp or fsdp; train.grad_accum is split over the N ranks).")
-    _add_config_args(p)
-    p.add_argument("--resume", metavar="RUN",
-                   help="continue run directory RUN from its latest checkpoint (its config.toml, then any "
-                        "KEY=VALUE; model, data and batch keys cannot change)")
-    p.set_defaults(func=cmd_train)
-
-    p = verbs.add_parser("bench", help="measure speed and memory, side by side with transformers' Llama",
-                         description="Benchmarks on this machine, each next to a reference in the same process: "
-                                     "training step (tokens/s, MFU, peak memory) against transformers' "
-                                     "LlamaForCausalLM with the same shape and weights, for the config's model "
-                                     "and a ladder of sizes; generation with and without the KV cache; the data "
-                                     "loader against the training step; prepare and tokenizer training against "
-                                     "the number of cores. Device, precision and compile come from the config.",
-                         epilog=EPILOG_OVERRIDES + " Results of this project's machines: benchmarks/RESULTS.md.")
-    _add_config_args(p)
-    p.add_argument("--only", default="all", metavar="LIST",
-                   help="comma-separated: train, generate, loader, prepare, tokenizer (default: all)")
-    p.add_argument("--find-batch", action="store_true",
-                   help="instead: the largest micro-batch of the config's model whose training step fits "
-                        "(GPU: its memory; CPU: --budget-mib)")
-    p.add_argument("--budget-mib", type=float, metavar="MIB",
-                   help="memory budget for --find-batch on CPU (default: 90%% of the memory available now)")
-    p.add_argument("--no-reference", action="store_true", help="measure lmlab only, without transformers")
-    p.add_argument("--out", metavar="FILE", help="also write the Markdown report here (and its rows to FILE.json)")
-    p.set_defaults(func=cmd_bench)
-
-    p = verbs.add_parser("config", help="print the resolved config, or every key with --keys",
-                         epilog=EPILOG_OVERRIDES)
-    _add_config_args(p)
-    p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
-    p.set_defaults(func=cmd_config)
-
-    tok = verbs.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
-    tok_verbs = tok.add_subparsers(dest="tokenizer_verb", required=True, metavar="VERB")
-    p = tok_verbs.add_parser("train", help="train a byte-level BPE tokenizer on text / JSONL files",
-                             description="Train a byte-level BPE tokenizer (HF tokenizers) and save tokenizer.json.")
-    p.add_argument("files", nargs="+", metavar="FILE", help="text or .jsonl files (.gz / .xz accepted)")
-    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory to write tokenizer.json to")
-    p.add_argument("--special-token", action="append", default=None, metavar="TOKEN",
-                   help="special token (repeatable; default <|endoftext|>)")
-    p.add_argument("--text-key", default="text", help="JSON field holding the text in .jsonl files")
-    p.set_defaults(func=cmd_tokenizer_train)
-
-    p = verbs.add_parser("prepare", help="tokenize text into train / validation shards",
-                         description="Tokenize text or JSONL files into memory-mapped .npy token shards "
-                                     "(train and val) plus meta.json.")
-    p.add_argument("files", nargs="+", metavar="FILE", help="training text or .jsonl files (.gz / .xz accepted)")
-    p.add_argument("--tokenizer", required=True, metavar="DIR",
-                   help="directory with tokenizer.json (or vocab.json + merges.txt), or a tokenizer.json file")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory for the shards")
-    p.add_argument("--val", nargs="+", metavar="FILE", help="validation files (default: hold out --val-fraction)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for validation")
-    p.add_argument("--text-key", default="text", help="JSON field holding the text in .jsonl files")
-    p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="processes that tokenize, one core each (default 0: every core); the shards are the same")
-    p.set_defaults(func=cmd_prepare)
-
-    p = verbs.add_parser("generate", help="sample text from a trained run",
-                         description="Sample a continuation of a prompt from a run's model, streamed to the terminal.")
-    p.add_argument("run", metavar="RUN", help="run directory, e.g. runs/cpu-quickstart-20260101-120000")
-    p.add_argument("--prompt", default="Once upon a time", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
-    p.add_argument("--device", default="cpu", help="device to run on (cpu, cuda, mps, auto)")
-    p.set_defaults(func=cmd_generate)
-
-    p = verbs.add_parser("export", help="write a run as a Hugging Face folder (Llama, or Qwen3 with QK-norm)",
-                         description="Write a run's model and tokenizer as a Hugging Face folder (config.json, "
-                                     "model.safetensors, tokenizer.json, tokenizer_config.json, "
-                                     "generation_config.json) that transformers.AutoModelForCausalLM loads: "
-                                     "LlamaForCausalLM, or Qwen3ForCausalLM when model.qk_norm is on. Models "
-                                     "with other switches (no norm, post-norm, NoPE, SiLU FFN, ...) are refused.")
-    p.add_argument("run", metavar="RUN", help="run directory, e.g. runs/cpu-quickstart-20260101-120000")
-    p.add_argument("out", metavar="OUT_DIR", help="new (or empty) directory to write the Hugging Face folder to")
-    p.set_defaults(func=cmd_export)
-
-    p = verbs.add_parser("import", help="turn a local Hugging Face Llama / Qwen3 folder into a run directory",
-                         description="Read a local Hugging Face LlamaForCausalLM / Qwen3ForCausalLM folder "
-                                     "(config.json, safetensors weights, tokenizer.json) into a run directory "
-                                     "that lmlab generate, eval and export use.")
-    p.add_argument("hf_dir", metavar="HF_DIR", help="local Hugging Face model folder")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="new run directory to create")
-    p.set_defaults(func=cmd_import)
-
-    p = verbs.add_parser("runs", help="table of runs: status, steps, time, losses and the config keys that differ",
-                         description="One row per run: name, status, steps, tokens, training time, best and final "
-                                     "validation loss, tokens/s, then every config key in which the runs differ.")
-    p.add_argument("dirs", nargs="*", metavar="DIR", help="run directories or directories of runs (default: runs)")
-    p.add_argument("--format", choices=("text", "markdown", "tsv"), default="text", help="table format")
-    p.set_defaults(func=cmd_runs)
-
-    p = verbs.add_parser("compare", help="curves of several runs in one figure (PNG and SVG)",
-                         description="Draw a metric of several runs against steps, training time, tokens or "
-                                     "wall-clock time in one figure, written as PNG and SVG. A diverged run ends "
-                                     "in an X, a run that hit its target in a star.")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or directories of runs)")
-    p.add_argument("--x", choices=("step", "time", "tokens", "wall"), default="step",
-                   help="x axis: step, time (training time), tokens, wall (wall-clock time, everything included)")
-    p.add_argument("--metric", default="val_loss",
-                   help="metric from metrics.jsonl: val_loss, loss, val_bpb, val_ppl, lr, grad_norm, tokens_per_s, mfu")
-    p.add_argument("--out", metavar="FILE", help="output file (.png; the .svg goes beside it); "
-                                                 "default compare-METRIC-X.png")
-    p.add_argument("--logx", action="store_true", help="log-scale x axis")
-    p.add_argument("--logy", action="store_true", help="log-scale y axis")
-    p.add_argument("--smooth", type=int, default=None, metavar="N",
-                   help="moving average over N points (default: about 1/25 of the curve for train loss, none else)")
-    p.set_defaults(func=cmd_compare)
-
-    p = verbs.add_parser("report", help="self-contained HTML experiment log (and a Markdown twin) of a runs directory",
-                         description="Write DIR/report.html (opens from disk, no server) and DIR/report.md: the "
-                                     "runs table, the curves on each clock, and per run its differing config keys, "
-                                     "notes and samples.")
-    p.add_argument("dir", metavar="DIR", help="directory of runs (or one run directory)")
-    p.add_argument("--out", metavar="FILE", help="HTML file to write (default DIR/report.html); report.md goes beside it")
-    p.set_defaults(func=cmd_report)
-
-    p = verbs.add_parser("note", help="add a dated note to a run (shown by lmlab report)",
-                         description="Append a dated line to RUN/notes.md; lmlab report shows a run's notes.")
-    p.add_argument("run", metavar="RUN", help="run directory")
-    p.add_argument("text", metavar="TEXT", help="the note, e.g. \"diverged at step 300: lr too high\"")
-    p.set_defaults(func=cmd_note)
-
-    p = verbs.add_parser("schedule", help="plot a config's learning-rate schedule (no training)",
-                         description="Plot the learning rate of a config over its run (and its context "
-                                     "curriculum) to a PNG, and print the values at the end of warmup, the end "
-                                     "of the stable phase (wsd) and the last step.", epilog=EPILOG_OVERRIDES)
-    _add_config_args(p)
-    p.add_argument("--out", metavar="FILE", help="PNG to write (default NAME-schedule.png)")
-    p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help="steps to draw; for a run bounded by train.max_time, the steps you expect to fit in it "
-                        "(default train.max_steps, or 1000)")
-    p.set_defaults(func=cmd_schedule)
-
-    p = verbs.add_parser("sweep", help="train over a grid or random samples of config values; table, best config, plots",
-                         description="Run one training per trial into OUT/runs/, one after another (or in "
-                                     "--workers processes), then write OUT/sweep.md (table sorted by --metric), "
-                                     "OUT/best.toml and OUT/plots/. Rerunning the same command skips finished trials. "
-                                     "Stop rules (train.target_val_loss, train.max_time, train.diverge_factor) "
-                                     "apply to every trial.",
-                         epilog=EPILOG_OVERRIDES + " They apply to every trial.")
-    _add_config_args(p)
+def sweep_flags(p):
+    config_flags(p)
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="values of a key to try (repeatable: the trials are the product), e.g. optim.lr=1e-3,3e-3")
     p.add_argument("--random", action="append", default=[], metavar="KEY=DIST:LOW:HIGH",
@@ -345,50 +399,70 @@ def build_parser():
     p.add_argument("--lr-scaling", choices=("linear", "sqrt"), default="",
                    help="batch-size sweeps: scale optim.lr (and min_lr) by the trial's batch / the base batch, "
                         "or its square root")
-    p.set_defaults(func=cmd_sweep)
 
-    p = verbs.add_parser("eval", help="perplexity / bits per byte, copy / reverse / history probes, multiple choice",
-                         description="Evaluate a run directory, one of its checkpoints, or a Hugging Face folder. "
-                                     "Each evaluation prints a table and writes RUN/evals/<name>.json (names: "
-                                     "text-<file>, shards-<split>, val, copy, reverse, history, choice-<set>); "
-                                     "probes also write RUN/evals/<name>.png. See docs/evals.md.")
+
+def run_sweep(args):
+    from lmlab.lab import sweep
+
+    sweep.run_sweep(args.config, args.overrides, grid=args.grid, random_items=args.random, n_trials=args.trials,
+                    seed=args.seed, out=args.out, workers=args.workers, metric=args.metric,
+                    lr_scaling=args.lr_scaling, log=print_now)
+
+
+SWEEP = Verb(
+    "sweep", "train over a grid or random samples of config values; table, best config, plots", sweep_flags,
+    run_sweep,
+    description="Run one training per trial into OUT/runs/, one after another (or in --workers processes), then "
+                "write OUT/sweep.md (table sorted by --metric), OUT/best.toml and OUT/plots/. Rerunning the same "
+                "command skips finished trials. Stop rules (train.target_val_loss, train.max_time, "
+                "train.diverge_factor) apply to every trial.",
+    epilog=EPILOG_OVERRIDES + " They apply to every trial.")
+
+
+# ---------------------------------------------------------------- lmlab eval
+
+def eval_flags(p):
     p.add_argument("run", metavar="RUN", help="run directory, runs/NAME/checkpoints/step_N, or Hugging Face folder")
-    p.add_argument("--text", nargs="+", default=[], metavar="FILE",
-                   help="loss, perplexity and bits per byte of text / .jsonl files, per document and overall")
-    p.add_argument("--text-key", default="text", help="JSON field holding the text in .jsonl files")
-    p.add_argument("--shards", metavar="DIR", help="the same on a prepared shards directory (lmlab prepare)")
-    p.add_argument("--split", default="val", help="split of --shards to evaluate (default val)")
-    p.add_argument("--val", action="store_true",
-                   help="the run's own validation subset, exactly as training measures val_loss / val_bpb")
-    p.add_argument("--probe", nargs="+", default=[], choices=("copy", "reverse", "history"),
-                   help="working-memory probes: copy, reverse (random and meaningful sequences), history gain")
-    p.add_argument("--probe-text", nargs="+", default=[], metavar="FILE",
-                   help="text for meaningful probe sequences (default: the run's validation split)")
-    p.add_argument("--lengths", type=_int_list, metavar="N,N,...",
-                   help="probe sequence lengths (default 4 .. twice the context)")
-    p.add_argument("--samples", type=int, default=32, help="probe sequences per length (history: twice as many)")
-    p.add_argument("--separator", default=None, metavar="TEXT",
-                   help="text between a probe sequence and its copy (default: the end-of-text token)")
-    p.add_argument("--choice", nargs="+", default=[], metavar="FILE|SET",
-                   help="multiple-choice file (CSV / JSONL) or bundled set: mmlu, mmlu-dev, cmmlu, cmmlu-dev")
-    p.add_argument("--format", default="auto", choices=("auto", "mmlu", "cmmlu", "ceval", "arc", "hellaswag"),
-                   help="layout of the --choice file (default: detected)")
-    p.add_argument("--style", default="auto", choices=("auto", "letter", "cloze"),
-                   help="score the letters A-D after a lettered list (MMLU) or the answer texts (ARC, HellaSwag)")
-    p.add_argument("--fewshot", metavar="FILE", help="solved examples for --shots (bundled sets bring their dev split)")
-    p.add_argument("--shots", type=int, default=0, help="few-shot examples (multiple choice) or demonstrations (probes)")
-    p.add_argument("--norm", default="none", choices=("none", "chars", "tokens"),
-                   help="divide a choice's log-likelihood by its length in characters or tokens")
-    p.add_argument("--stride", type=int, default=None,
-                   help="sliding-window stride for text longer than the context (default: the context; probes: 1/8)")
-    p.add_argument("--limit", type=int, default=0,
-                   help="at most N documents per --text file, N tokens of --shards, N items per subject, N probe samples")
-    p.add_argument("--seed", type=int, default=0, help="seed of the probe sequences")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"), help="autocast precision")
-    p.add_argument("--out", metavar="DIR", help="write the JSON / PNG files here instead of RUN/evals")
-    p.set_defaults(func=cmd_eval)
+    EvalOptions.add_flags(p)
+
+
+def run_eval(args):
+    from lmlab.lab.evaluate import run_evals
+
+    run_evals(args.run, EvalOptions.from_args(args), log=print_now)
+
+
+EVAL = Verb(
+    "eval", "perplexity / bits per byte, copy / reverse / history probes, multiple choice", eval_flags, run_eval,
+    description="Evaluate a run directory, one of its checkpoints, or a Hugging Face folder. Each evaluation "
+                "prints a table and writes RUN/evals/<name>.json (names: text-<file>, shards-<split>, val, copy, "
+                "reverse, history, choice-<set>); probes also write RUN/evals/<name>.png. See docs/evals.md.")
+
+
+# ---------------------------------------------------------------- the command
+
+VERBS = (TRAIN, BENCH, CONFIG, TOKENIZER, PREPARE, GENERATE, EXPORT, IMPORT, RUNS, COMPARE, REPORT, NOTE,
+         SCHEDULE, SWEEP, EVAL)
+
+
+def build_parser():
+    from lmlab.version import __version__
+
+    parser = argparse.ArgumentParser(prog="lmlab", description="Pretrain small language models and run experiments on them.")
+    parser.add_argument("--version", action="version", version=f"lmlab {__version__}")
+    _add_verbs(parser, VERBS, dest="verb")
     return parser
+
+
+def _add_verbs(parser, verbs, dest):
+    subparsers = parser.add_subparsers(dest=dest, required=True, metavar="VERB")
+    for verb in verbs:
+        p = subparsers.add_parser(verb.name, help=verb.help, description=verb.description, epilog=verb.epilog)
+        if verb.verbs:
+            _add_verbs(p, verb.verbs, dest=f"{verb.name}_verb")
+        else:
+            verb.flags(p)
+            p.set_defaults(func=verb.run)
 
 
 def main(argv=None):

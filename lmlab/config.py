@@ -6,8 +6,11 @@ Design choices:
 - A run is described by one resolved `Config`; it is written to the run
   directory as TOML so that `lmlab train --config runs/x/config.toml` repeats it.
 - Unknown keys and wrong types are `LmlabError`s naming the closest valid key.
-- Derived values (d_ff, vocab size) are resolved once, in `resolve_*`, and
-  written back, so the saved config holds the numbers actually used.
+- Derived values ("0 = derive": d_ff, n_kv_heads, head_dim, vocab size) are
+  computed in one place, `ModelConfig.resolved`, and the trainer writes the
+  resolved section back, so the saved config holds the numbers actually used.
+- Switches are `Literal[...]` fields: their allowed values are written once,
+  in the annotation, and `validate` checks every one of them.
 """
 
 import dataclasses
@@ -18,6 +21,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import tomli_w
 
@@ -58,16 +62,27 @@ class ModelConfig:
     tie_embeddings: bool = False  # share the input embedding with the LM head
     init_std: float = 0.02  # std of the normal init; residual projections are scaled by 1/sqrt(2 n_layers)
     dropout: float = 0.0  # dropout on attention weights and residual branches
-    norm: str = "rmsnorm"  # rmsnorm, layernorm (nanoGPT's: gain, and a bias when model.bias), none (no norm anywhere)
-    norm_position: str = "pre"  # pre: x + f(Norm(x)) (Llama); post: Norm(x + f(x)) (original Transformer)
-    position: str = "rope"  # rope (rotary, rope_theta), nope (no position information), learned (absolute embedding)
-    ffn: str = "swiglu"  # swiglu: W2(SiLU(W1 x) * W3 x); silu: W2 SiLU(W1 x); gelu: W2 GELU(W1 x)
+    norm: Literal["rmsnorm", "layernorm", "none"] = "rmsnorm"  # rmsnorm, layernorm (nanoGPT's: gain, and a bias when model.bias), none (no norm anywhere)
+    norm_position: Literal["pre", "post"] = "pre"  # pre: x + f(Norm(x)) (Llama); post: Norm(x + f(x)) (original Transformer)
+    position: Literal["rope", "nope", "learned"] = "rope"  # rope (rotary, rope_theta), nope (no position information), learned (absolute embedding)
+    ffn: Literal["swiglu", "silu", "gelu"] = "swiglu"  # swiglu: W2(SiLU(W1 x) * W3 x); silu: W2 SiLU(W1 x); gelu: W2 GELU(W1 x)
     head_dim: int = 0  # width of one attention head; 0 = d_model / n_heads
     qk_norm: bool = False  # RMSNorm of queries and keys over each head before RoPE (as in Qwen3)
     key_norm: bool = False  # KeyNorm: keys L2-normalised per head, logits = scale * q.k/|k| instead of q.k/sqrt(head_dim)
     key_norm_scale: float = 0.0  # KeyNorm logit scale: > 0 fixed; 0 = learned, one per head, starting at 1
     bias: bool = False  # biases in the attention and feed-forward projections (and LayerNorm); never in lm_head
     init_from: str = ""  # local Hugging Face Llama / Qwen3 folder to start from (its architecture and weights)
+
+    def resolved(self, vocab_size=0):
+        """A copy with every "0 = derive" field filled in: the numbers the model is built with.
+
+        The one place the derived values are computed (d_ff, n_kv_heads, head_dim, and
+        vocab_size from the tokenizer's `vocab_size` when given); the model, export,
+        resume and benchmarks read the filled fields. Idempotent.
+        """
+        return dataclasses.replace(
+            self, vocab_size=self.vocab_size or vocab_size, d_ff=resolve_d_ff(self),
+            n_kv_heads=self.n_kv_heads or self.n_heads, head_dim=self.head_dim or self.d_model // self.n_heads)
 
 
 @dataclass
@@ -80,7 +95,7 @@ class DataConfig:
     tokenizer_vocab_size: int = 4096  # vocab size when lmlab trains the tokenizer
     shards: str = ""  # directory of prepared shards; "" = prepare them and cache them
     cache_dir: str = ""  # where built tokenizers and shards are cached; "" = $LMLAB_CACHE or ~/.cache/lmlab
-    packing: str = "concat"  # concat: random windows over joined documents; document: one document per row, padded
+    packing: Literal["concat", "document"] = "concat"  # concat: random windows over joined documents; document: one document per row, padded
     text_key: str = "text"  # field holding the text in .jsonl files
     workers: int = 0  # processes that tokenize when shards are prepared; 0 = every core (shards are the same either way)
 
@@ -90,10 +105,10 @@ class OptimConfig:
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     min_lr: float = 1e-4  # learning rate at the last step
     warmup_steps: int = 100  # linear warmup from 0 to lr
-    schedule: str = "cosine"  # after warmup: cosine | linear (to min_lr at the end) | wsd | constant | plateau (see README)
-    progress: str = "auto"  # what the schedule runs on: steps, tokens, time (train.max_time); auto = the budget nearest its end
+    schedule: Literal["cosine", "constant", "wsd", "linear", "plateau"] = "cosine"  # after warmup: cosine | linear (to min_lr at the end) | wsd | constant | plateau (see README)
+    progress: Literal["auto", "steps", "tokens", "time"] = "auto"  # what the schedule runs on: steps, tokens, time (train.max_time); auto = the budget nearest its end
     wsd_decay_fraction: float = 0.2  # wsd: share of the run, at its end, over which lr decays to min_lr (stable before)
-    wsd_decay_shape: str = "1-sqrt"  # wsd decay: 1-sqrt (Hagele et al. 2024), linear, cosine
+    wsd_decay_shape: Literal["1-sqrt", "linear", "cosine"] = "1-sqrt"  # wsd decay: 1-sqrt (Hagele et al. 2024), linear, cosine
     plateau_factor: float = 0.5  # plateau: multiply lr by this when validation loss stops improving (floor min_lr)
     plateau_patience: int = 2  # plateau: evaluations without improvement tolerated before a cut
     plateau_threshold: float = 1e-3  # plateau: relative improvement that counts (val < best * (1 - threshold))
@@ -103,8 +118,8 @@ class OptimConfig:
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
-    fused: str = "auto"  # fused AdamW kernel: auto (when the device supports it), true, false
-    name: str = "adamw"  # adamw (torch), adamw8bit (bitsandbytes' 8-bit AdamW; pip install bitsandbytes)
+    fused: Literal["auto", "true", "false"] = "auto"  # fused AdamW kernel: auto (when the device supports it), true, false
+    name: Literal["adamw", "adamw8bit"] = "adamw"  # adamw (torch), adamw8bit (bitsandbytes' 8-bit AdamW; pip install bitsandbytes)
 
 
 @dataclass
@@ -116,9 +131,9 @@ class TrainConfig:
     eval_every: int = 100  # steps between validation evaluations (and one at the end); 0 = only at the end
     eval_batches: int = 20  # micro-batches in the fixed validation subset
     log_every: int = 10  # steps between train-loss records in metrics.jsonl
-    precision: str = "fp32"  # fp32, bf16 (autocast), fp16 (autocast + grad scaler); "auto" = bf16 on GPUs that have it
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"  # fp32, bf16 (autocast), fp16 (autocast + grad scaler); "auto" = bf16 on GPUs that have it
     compile: bool = False  # torch.compile the model (and the loss, which runs inside its forward)
-    attention: str = "sdpa"  # sdpa (torch picks flash / memory-efficient kernels), eager (plain ops), flash_attn, xformers (if installed)
+    attention: Literal["sdpa", "eager", "flash_attn", "xformers"] = "sdpa"  # sdpa (torch picks flash / memory-efficient kernels), eager (plain ops), flash_attn, xformers (if installed)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     loss_chunk: int = 4096  # LM head + fp32 loss over this many rows at a time, never the full logits; 0 = all at once
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
@@ -138,7 +153,7 @@ class TrainConfig:
     norms_every: int = 100  # steps between per-layer weight / gradient / activation norm records in metrics.jsonl; 0 = off
     print_every: int = 0  # steps between status lines when stderr is no terminal (CI, SLURM logs); 0 = 20 per run
     peak_tflops: float = 0.0  # device peak for MFU in TFLOP/s; 0 = the GPU table, or a measured matmul on CPU
-    parallel: str = "auto"  # under torchrun: ddp, fsdp (FSDP2 sharding), none; auto = ddp with 2+ processes
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # under torchrun: ddp, fsdp (FSDP2 sharding), none; auto = ddp with 2+ processes
     dist_timeout: float = 600.0  # seconds any collective may wait for the other ranks before the job fails
     tensorboard: bool = False  # also log to runs/NAME/tensorboard (pip install 'lmlab[tensorboard]')
     wandb: bool = False  # also log to Weights & Biases (pip install 'lmlab[wandb]'; WANDB_MODE=offline works)
@@ -149,7 +164,7 @@ class TrainConfig:
     checkpoint_minutes: float = 30.0  # training minutes between checkpoints; 0 = off
     keep_checkpoints: int = 2  # newest checkpoints kept; 0 = write none (the run cannot be resumed)
     resume: str = ""  # a run directory to continue from its latest checkpoint, or "auto" = runs_dir/run_name if it exists
-    on_nonfinite: str = "stop"  # NaN/inf loss or gradients, caught before the update: stop (status diverged) or skip the batch
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/inf loss or gradients, caught before the update: stop (status diverged) or skip the batch
 
 
 @dataclass
@@ -184,7 +199,8 @@ ALIASES = {
 }
 
 
-def _closest(key, candidates):
+def did_you_mean(key, candidates):
+    """' (did you mean 'x'?)' for the candidate closest to a mistyped key or value, or ''."""
     section, _, name = key.rpartition(".")
     if name in ALIASES:
         for candidate in candidates:
@@ -196,9 +212,19 @@ def _closest(key, candidates):
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _field_type(section_cls, name):
+def field_type(section_cls, name):
+    """The annotated type of a section's field (int, str, Literal[...], Duration, list[str])."""
     hints = typing.get_type_hints(section_cls)
     return hints[name]
+
+
+def choice_fields(config):
+    """(key, value, allowed) of every switch: the fields typed Literal[...], whose allowed values are written there."""
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            typ = field_type(cls, f.name)
+            if typing.get_origin(typ) is Literal:
+                yield f"{section}.{f.name}", getattr(getattr(config, section), f.name), typing.get_args(typ)
 
 
 def _coerce(value, typ, key):
@@ -244,7 +270,7 @@ def _coerce(value, typ, key):
             except ValueError:
                 pass
         raise LmlabError(f"config key '{key}' wants a number, got {value!r}")
-    if typ is str:
+    if typ is str or typing.get_origin(typ) is Literal:
         if isinstance(value, str):
             return value
         raise LmlabError(f"config key '{key}' wants a string, got {value!r}")
@@ -258,12 +284,12 @@ def set_key(config, key, value):
         return
     section, _, name = key.partition(".")
     if section not in SECTIONS or not name:
-        raise LmlabError(f"unknown config key '{key}'{_closest(key, all_keys())}")
+        raise LmlabError(f"unknown config key '{key}'{did_you_mean(key, all_keys())}")
     section_cls = SECTIONS[section]
     names = [f.name for f in dataclasses.fields(section_cls)]
     if name not in names:
-        raise LmlabError(f"unknown config key '{key}'{_closest(key, all_keys())}")
-    setattr(getattr(config, section), name, _coerce(value, _field_type(section_cls, name), key))
+        raise LmlabError(f"unknown config key '{key}'{did_you_mean(key, all_keys())}")
+    setattr(getattr(config, section), name, _coerce(value, field_type(section_cls, name), key))
 
 
 def from_dict(raw, source="config"):
@@ -274,7 +300,7 @@ def from_dict(raw, source="config"):
             set_key(config, "name", values)
             continue
         if section not in SECTIONS:
-            raise LmlabError(f"{source}: unknown config section '{section}'{_closest(section, list(SECTIONS))}")
+            raise LmlabError(f"{source}: unknown config section '{section}'{did_you_mean(section, list(SECTIONS))}")
         if not isinstance(values, dict):
             raise LmlabError(f"{source}: '{section}' must be a table like [{section}]")
         for name, value in values.items():
@@ -294,7 +320,7 @@ def preset_path(name):
     if bundled.exists():
         return bundled
     names = sorted(p.stem for p in CONFIGS_DIR.glob("*.toml"))
-    raise LmlabError(f"no config file or preset named '{name}'{_closest(name, names)}; presets: {', '.join(names)}")
+    raise LmlabError(f"no config file or preset named '{name}'{did_you_mean(name, names)}; presets: {', '.join(names)}")
 
 
 def load_config(path=None, overrides=()):
@@ -330,32 +356,34 @@ def to_dict(config):
     return dataclasses.asdict(config)
 
 
+def flat_keys(config):
+    """{dotted key: value} of a Config ('optim.lr': 0.001, 'name': ...), for comparing configs."""
+    out = {}
+    for section, values in to_dict(config).items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            out[section] = values
+    return out
+
+
 def to_toml(config):
     return tomli_w.dumps(to_dict(config))
 
 
 def validate(config):
     """Reject values that cannot work, with a sentence a user can act on."""
-    m, d, o, t = config.model, config.data, config.optim, config.train
-    choices = {
-        "model.norm": (m.norm, ("rmsnorm", "layernorm", "none")),
-        "model.norm_position": (m.norm_position, ("pre", "post")),
-        "model.position": (m.position, ("rope", "nope", "learned")),
-        "model.ffn": (m.ffn, ("swiglu", "silu", "gelu")),
-        "data.packing": (d.packing, ("concat", "document")),
-        "optim.schedule": (o.schedule, ("cosine", "constant", "wsd", "linear", "plateau")),
-        "optim.progress": (o.progress, ("auto", "steps", "tokens", "time")),
-        "optim.wsd_decay_shape": (o.wsd_decay_shape, ("1-sqrt", "linear", "cosine")),
-        "optim.fused": (o.fused, ("auto", "true", "false")),
-        "optim.name": (o.name, ("adamw", "adamw8bit")),
-        "train.attention": (t.attention, ("sdpa", "eager", "flash_attn", "xformers")),
-        "train.precision": (t.precision, ("fp32", "bf16", "fp16", "auto")),
-        "train.parallel": (t.parallel, ("auto", "none", "ddp", "fsdp")),
-        "train.on_nonfinite": (t.on_nonfinite, ("stop", "skip")),
-    }
-    for key, (value, allowed) in choices.items():
+    for key, value, allowed in choice_fields(config):
         if value not in allowed:
-            raise LmlabError(f"config key '{key}' is '{value}'; choose one of {', '.join(allowed)}{_closest(value, list(allowed))}")
+            raise LmlabError(f"config key '{key}' is '{value}'; choose one of {', '.join(allowed)}{did_you_mean(value, allowed)}")
+    _check_numbers(config)
+    _check_model(config.model)
+    _check_budget_and_data(config)
+
+
+def _check_numbers(config):
+    """Sizes that must be positive, counts and periods that must not be negative, learning rates."""
+    m, o, t = config.model, config.optim, config.train
     positive = {
         "model.context_length": m.context_length, "model.d_model": m.d_model,
         "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
@@ -379,14 +407,18 @@ def validate(config):
         if not math.isfinite(value) or value < 0 or (key == "optim.lr" and value == 0):
             raise LmlabError(f"config key '{key}' must be a {'positive' if key == 'optim.lr' else 'non-negative'} "
                              f"number, got {value}")
+
+
+def _check_model(m):
+    """Shapes the transformer can be built with."""
     if m.head_dim < 0:
         raise LmlabError(f"model.head_dim must be >= 0 (0 = d_model / n_heads), got {m.head_dim}")
     if not m.head_dim and m.d_model % m.n_heads:
         raise LmlabError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
-    head_dim = m.head_dim or m.d_model // m.n_heads
+    derived = m.resolved()
+    head_dim, kv = derived.head_dim, derived.n_kv_heads
     if m.position == "rope" and head_dim % 2:
         raise LmlabError(f"head size {head_dim} must be even for RoPE (or set model.position=nope / learned)")
-    kv = m.n_kv_heads or m.n_heads
     if kv < 0 or m.n_heads % kv:
         raise LmlabError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={kv}")
     if not 0 <= m.dropout < 1:
@@ -397,6 +429,11 @@ def validate(config):
         raise LmlabError(f"model.key_norm_scale must be >= 0 (0 = learned), got {m.key_norm_scale}")
     if m.d_ff < 0 or m.vocab_size < 0:
         raise LmlabError("model.d_ff and model.vocab_size must be >= 0 (0 = derive them)")
+
+
+def _check_budget_and_data(config):
+    """A budget that ends, a schedule that fits it, data to read, evals that exist."""
+    d, o, t = config.data, config.optim, config.train
     if t.max_steps <= 0 and t.max_tokens <= 0 and t.max_time <= 0:
         raise LmlabError("set train.max_steps, train.max_tokens or train.max_time to a positive number")
     validate_schedule(config)
@@ -413,7 +450,7 @@ def validate(config):
     evals = ("copy", "reverse", "history", "mmlu", "cmmlu")  # train.evals (lmlab/evals/training.py)
     for name in t.evals:
         if name not in evals:
-            raise LmlabError(f"train.evals has '{name}'; choose from {', '.join(evals)}{_closest(name, list(evals))}")
+            raise LmlabError(f"train.evals has '{name}'; choose from {', '.join(evals)}{did_you_mean(name, list(evals))}")
     if t.evals_every < 0 or (t.evals_every and t.eval_every and t.evals_every % t.eval_every):
         raise LmlabError(f"train.evals_every={t.evals_every} must be 0 or a multiple of train.eval_every={t.eval_every} "
                          "(the evals run at validation time)")

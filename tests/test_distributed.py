@@ -97,7 +97,7 @@ POWER_LOSS = textwrap.dedent("""
     # SIGKILL torchrun and every rank at once when rank 0 starts step 11 (checkpoint 8 written,
     # steps 9 and 10 logged after it): a machine that loses power, at a known point.
     import os, signal, sys
-    import lmlab.training.loop as trainer
+    import lmlab.training.step as trainer
     from lmlab.cli import main
 
     real, calls = trainer.set_lr, [0]

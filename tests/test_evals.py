@@ -135,7 +135,7 @@ def test_text_and_shards_commands_write_their_json(run_dir, small_corpus, data_c
 
 
 def test_a_hugging_face_folder_evaluates_like_its_run(run_dir, small_corpus, tmp_path):
-    from lmlab.model.hf import export_hf
+    from lmlab.rundir.hf import export_hf
 
     _, valid = small_corpus
     hf_dir = export_hf(run_dir, tmp_path / "hf")

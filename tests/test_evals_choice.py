@@ -214,7 +214,8 @@ def test_choice_command_writes_accuracy_per_subject(run_dir, capsys):
 
 def test_loglikelihoods_agree_with_transformers_on_the_exported_model(run, run_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from lmlab.model.hf import export_hf, load_hf_model
+    from lmlab.model.hf import load_hf_model
+    from lmlab.rundir.hf import export_hf
 
     hf_dir = export_hf(run_dir, tmp_path / "hf")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -246,7 +247,7 @@ def test_lm_eval_harness_runs_the_exported_model_with_a_local_task(run, run_dir,
     import subprocess
     import sys
 
-    from lmlab.model.hf import export_hf
+    from lmlab.rundir.hf import export_hf
 
     hf_dir = export_hf(run_dir, tmp_path / "hf")
     rows = [r for r in bundled_rows("mmlu_val") if r["subject"] in ("astronomy", "virology")]

@@ -9,7 +9,8 @@ import torch
 from conftest import tinystories_documents
 from lmlab.config import Config, ModelConfig, resolve_d_ff
 from lmlab.errors import LmlabError
-from lmlab.model.hf import export_hf, hf_architecture, import_hf, load_hf_model
+from lmlab.model.hf import hf_architecture, load_hf_model
+from lmlab.rundir.hf import export_hf, import_hf
 from lmlab.model.sampling import generate_ids
 from lmlab.model.transformer import Transformer
 from lmlab.rundir.run import load_run, save_config, save_weights

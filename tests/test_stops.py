@@ -124,9 +124,9 @@ class FakeTime:
 
 @pytest.mark.parametrize("max_steps", [30, 0])
 def test_max_time_stops_on_the_training_clock_and_the_schedule_decays_inside_it(tiny_overrides, monkeypatch, max_steps):
-    import lmlab.training.loop
+    import lmlab.training.step
 
-    monkeypatch.setattr(lmlab.training.loop, "time", FakeTime())  # each step takes exactly one fake second
+    monkeypatch.setattr(lmlab.training.step, "time", FakeTime())  # each step takes exactly one fake second
     run = train(load_config(None, tiny_overrides + [
         "train.max_time=8s", f"train.max_steps={max_steps}", "optim.schedule=linear", "optim.warmup_steps=0",
         "optim.lr=1e-2", "optim.min_lr=1e-3", "train.eval_every=0"]), **QUIET)

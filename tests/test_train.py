@@ -88,7 +88,7 @@ def test_variants_train_and_finish(tiny_overrides, extra):
 
 
 def test_training_can_start_from_an_exported_hugging_face_folder(trained_run, tiny_overrides, tmp_path):
-    from lmlab.model.hf import export_hf
+    from lmlab.rundir.hf import export_hf
 
     hf_dir = export_hf(trained_run, tmp_path / "hf")
     fresh_first = losses(trained_run)[0]

@@ -33,12 +33,12 @@ MMAP_THRESHOLD = 64 << 10
 
 def machine(device=None):
     """{what: value} of the machine and software a benchmark ran on, for the results file."""
-    from lmlab import __version__
-    from lmlab.rundir.env import _cpu_name, git_state
+    from lmlab.version import __version__
+    from lmlab.rundir.env import cpu_name, git_state
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": _cpu_name(), "cores": os.cpu_count(), "torch threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "cores": os.cpu_count(), "torch threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__, "lmlab": __version__,
     }
     if device is not None and torch.device(device).type == "cuda":
@@ -62,7 +62,7 @@ def model_config(shape, defaults=None):
     Vocabulary (0 follows a tokenizer; there is none here) and d_ff are
     resolved, init_from dropped (weights are random); unknown fields are an LmlabError.
     """
-    from lmlab.config import ModelConfig, resolve_d_ff
+    from lmlab.config import ModelConfig
 
     if isinstance(shape, ModelConfig):
         config = dataclasses.replace(shape, init_from="")
@@ -73,9 +73,7 @@ def model_config(shape, defaults=None):
             raise LmlabError(f"unknown model field(s) in benchmark shape: {', '.join(unknown)}; "
                              "use ModelConfig field names (lmlab config --keys)")
         config = ModelConfig(**fields)
-    config.vocab_size = config.vocab_size or DEFAULT_VOCAB
-    config.d_ff = resolve_d_ff(config)
-    return config
+    return config.resolved(vocab_size=DEFAULT_VOCAB)
 
 
 def transformers_model(model_config, hf_weights, device):

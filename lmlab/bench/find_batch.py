@@ -35,7 +35,6 @@ import torch
 
 from lmlab.bench.common import Section
 from lmlab.bench.train import build_lmlab, random_batch, shape_name, step_peak
-from lmlab.config import resolve_d_ff
 from lmlab.device import resolve_device, resolve_precision
 from lmlab.errors import LmlabError
 from lmlab.model.transformer import Transformer
@@ -153,13 +152,9 @@ def _predict(trials, batch, static):
 
 
 def _resolved(config):
-    """A copy of config with d_ff resolved and a vocab (data.tokenizer_vocab_size when model.vocab_size is 0)."""
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model))
-    m = config.model
-    m.vocab_size = m.vocab_size or config.data.tokenizer_vocab_size
-    m.d_ff = resolve_d_ff(m)
-    m.init_from = ""
-    return config
+    """A copy of config with the model resolved, its vocab data.tokenizer_vocab_size when model.vocab_size is 0."""
+    model = dataclasses.replace(config.model.resolved(vocab_size=config.data.tokenizer_vocab_size), init_from="")
+    return dataclasses.replace(config, model=model)
 
 
 def _params(config):

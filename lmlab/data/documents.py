@@ -38,7 +38,7 @@ def check_file(path):
     return path
 
 
-def _kind(path):
+def file_kind(path):
     """(format, compression suffix) from the file name, e.g. train.jsonl.gz -> ('jsonl', '.gz')."""
     name = path.name.lower()
     compression = next((s for s in COMPRESSED if name.endswith(s)), None)
@@ -150,7 +150,7 @@ def iter_documents(path, text_key="text", eot=EOT, progress=None):
     with the number of on-disk bytes read since its last call.
     """
     path = check_file(path)
-    kind, compression = _kind(path)
+    kind, compression = file_kind(path)
     with open(path, "rb") as raw:
         stream = COMPRESSED[compression](raw) if compression else raw
         if kind == "parquet":

@@ -95,10 +95,10 @@ def resolve_set(name_or_path):
 
 def _read_text(path):
     from lmlab.data.documents import COMPRESSED
-    from lmlab.data.documents import _kind
+    from lmlab.data.documents import file_kind
 
     path = Path(path)
-    _, compression = _kind(path)
+    _, compression = file_kind(path)
     try:
         with open(path, "rb") as raw:
             data = (COMPRESSED[compression](raw) if compression else raw).read()

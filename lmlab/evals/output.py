@@ -15,7 +15,8 @@ import math
 import time
 from pathlib import Path
 
-from lmlab import __version__, atomic
+from lmlab import atomic
+from lmlab.version import __version__
 
 
 def _clean(value):

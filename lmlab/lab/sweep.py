@@ -54,12 +54,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmlab.rundir.status import FAILED, FINAL, GOOD, INTERRUPTED
 from lmlab import atomic
-from lmlab.config import _closest, _field_type, all_keys, load_config, set_key, to_dict, to_toml, validate
+from lmlab.config import all_keys, did_you_mean, field_type, flat_keys, load_config, set_key, to_toml, validate
 from lmlab.errors import LmlabError
 
-FINAL_STATUSES = ("completed", "diverged", "target_reached", "time_budget")
-GOOD_STATUSES = ("completed", "target_reached", "time_budget")
 METRIC_ALIASES = {"time_to_target": "target.elapsed_s", "steps_to_target": "target.step",
                   "tokens_to_target": "target.tokens"}
 IGNORED_BASE_KEYS = ("train.run_name", "train.runs_dir", "train.threads")  # set per trial by the sweep
@@ -120,9 +119,9 @@ def _check_axes(base, grid, random_specs):
     keys = [k for k, _ in grid] + [k for k, *_ in random_specs]
     for key in keys:
         if key not in all_keys():
-            raise LmlabError(f"unknown config key '{key}'{_closest(key, all_keys())}")
+            raise LmlabError(f"unknown config key '{key}'{did_you_mean(key, all_keys())}")
         section, _, name = key.partition(".")
-        if key != "name" and typing.get_origin(_field_type(type(getattr(base, section)), name)) is list:
+        if key != "name" and typing.get_origin(field_type(type(getattr(base, section)), name)) is list:
             raise LmlabError(f"{key} is a list; lists cannot be swept (commas separate the values)")
     for key, values in grid:
         for value in values:
@@ -195,12 +194,6 @@ def trial_config(base, values, lr_scaling=""):
 # ---------------------------------------------------------------- running
 
 
-def _flat(config):
-    return {f"{section}.{k}" if isinstance(values, dict) else section: v
-            for section, values in to_dict(config).items()
-            for k, v in (values.items() if isinstance(values, dict) else [(None, values)])}
-
-
 def _check_same_sweep(out, base, trials):
     path = out / "sweep.json"
     if not path.is_file():
@@ -209,7 +202,7 @@ def _check_same_sweep(out, base, trials):
         old = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         raise LmlabError(f"{path} is not valid JSON; move the directory away to start a new sweep") from None
-    new = _flat(base)  # keys that only one side has come from another lmlab version: not a difference
+    new = flat_keys(base)  # keys that only one side has come from another lmlab version: not a difference
     diff = [f"{k}: {old['base'][k]!r} -> {new[k]!r}" for k in sorted(set(old["base"]) & set(new))
             if k not in IGNORED_BASE_KEYS and old["base"][k] != new[k]]
     if diff:
@@ -233,10 +226,10 @@ def metric_of(summary, metric):
 
 def _record(trial, run_dir, metric, error=None):
     summary = _summary(run_dir) or {}
-    status = summary.get("status", "failed" if error else "incomplete")
+    status = summary.get("status", FAILED if error else "incomplete")
     return {
         "name": trial.name, "values": trial.values, "run_dir": str(run_dir), "status": status,
-        "metric": metric_of(summary, metric) if status in GOOD_STATUSES else None,
+        "metric": metric_of(summary, metric) if status in GOOD else None,
         "lr": trial.config.optim.lr, "batch": trial.config.train.batch_size * trial.config.train.grad_accum,
         **{k: summary.get(k) for k in ("best_val_loss", "final_val_loss", "steps", "tokens", "elapsed_s",
                                       "target", "diverged_at", "nonfinite_at")},
@@ -273,7 +266,7 @@ class Sweep:
 
     def save(self):
         atomic.write_text(self.out / "sweep.json", json.dumps({
-            **self.command, "metric": self.metric, "lr_scaling": self.lr_scaling, "base": _flat(self.base),
+            **self.command, "metric": self.metric, "lr_scaling": self.lr_scaling, "base": flat_keys(self.base),
             "trials": [t.record or {"name": t.name, "values": t.values, "status": "pending"} for t in self.trials],
         }, indent=2) + "\n")
 
@@ -284,7 +277,7 @@ class Sweep:
         todo = []
         for trial in self.trials:
             summary = _summary(self.run_dir(trial))
-            if summary and summary.get("status") in FINAL_STATUSES:
+            if summary and summary.get("status") in FINAL:
                 trial.record = _record(trial, self.run_dir(trial), self.metric)
             else:
                 todo.append(trial)
@@ -346,7 +339,7 @@ class Sweep:
                 traceback.print_exc(file=f)
                 error = f"{type(e).__name__}: {e}"
         self._finish(trial, error)
-        if trial.record["status"] == "interrupted":
+        if trial.record["status"] == INTERRUPTED:
             raise KeyboardInterrupt
 
     def _run_workers(self, todo):
@@ -383,7 +376,7 @@ class Sweep:
                         queue.insert(0, (trial, True))
                         continue
                     self._finish(trial, error)
-                    if trial.record["status"] == "interrupted":
+                    if trial.record["status"] == INTERRUPTED:
                         raise KeyboardInterrupt
                 time.sleep(0.2)
         except BaseException:

@@ -16,7 +16,6 @@ Design choices:
   flatten the others.
 """
 
-import math
 import tomllib
 from collections import defaultdict
 from pathlib import Path
@@ -26,11 +25,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lmlab.rundir.status import DIVERGED, GOOD  # noqa: E402
 from lmlab import atomic  # noqa: E402
 from lmlab.config import from_dict, to_toml  # noqa: E402
-from lmlab.rundir.metrics import read_metrics  # noqa: E402
+from lmlab.rundir.metrics import finite, read_metrics  # noqa: E402
 
-GOOD = ("completed", "target_reached", "time_budget")
 
 
 def ranked(trials):
@@ -124,7 +123,7 @@ def plot_metric(out, trials, key, keys, metric):
         name = ", ".join(f"{k}={v}" for k, v in zip(others, label)) or metric
         if points:
             ax.plot(*zip(*points), "o-", label=name)
-    bad = [(x, t) for x, t in zip(xs_all, trials) if t.record.get("status") == "diverged"]
+    bad = [(x, t) for x, t in zip(xs_all, trials) if t.record.get("status") == DIVERGED]
     if bad:
         ax.scatter([x for x, _ in bad], [0.97] * len(bad), marker="x", s=90, color="tab:red", linewidths=2.5,
                    transform=ax.get_xaxis_transform(), clip_on=False, zorder=5, label="diverged")
@@ -160,10 +159,10 @@ def plot_curves(out, trials):
         if not path.is_file():
             continue
         events = read_metrics(path)
-        train = [(e["step"], e["loss"]) for e in events if _finite(e.get("loss"))]
-        val = [(e["step"], e["val_loss"]) for e in events if _finite(e.get("val_loss"))]
+        train = [(e["step"], e["loss"]) for e in events if finite(e.get("loss"))]
+        val = [(e["step"], e["val_loss"]) for e in events if finite(e.get("val_loss"))]
         color = plt.cm.viridis(0.9 * i / max(len(trials) - 1, 1))  # trial order (e.g. growing lr) as a colour ramp
-        diverged = trial.record.get("status") == "diverged"
+        diverged = trial.record.get("status") == DIVERGED
         style = "--" if diverged else "-"
         label = trial.name + (" (diverged)" if diverged else "")
         if train:
@@ -195,9 +194,6 @@ def plot_curves(out, trials):
     plt.close(fig)
     return path
 
-
-def _finite(x):
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def write_all(out, trials, keys, metric, log=print):

@@ -16,13 +16,13 @@ Design choices:
 - Numbers come from summary.json when the run finished, else from the events.
 """
 
-import json
 import math
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmlab.rundir.status import RUNNING, UNFINISHED
 from lmlab import atomic
 from lmlab.errors import LmlabError
 from lmlab.rundir.metrics import scan_metrics
@@ -62,8 +62,8 @@ class RunRecord:
             return self.summary["status"]
         metrics = self.path / "metrics.jsonl"
         if metrics.is_file() and time.time() - metrics.stat().st_mtime < RUNNING_SECONDS:
-            return "running"
-        return "unfinished"
+            return RUNNING
+        return UNFINISHED
 
     def series(self, metric, x="step"):
         """[(x, value)] of the events that have both, value finite or not."""
@@ -102,15 +102,6 @@ def _flatten(table, prefix=""):
     return flat
 
 
-def _read_json(path):
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None  # being replaced right now, or damaged: the run still lists, without it
-
-
 def is_run_dir(path):
     path = Path(path)
     return (path / "config.toml").is_file() or (path / "metrics.jsonl").is_file()
@@ -134,8 +125,8 @@ def read_run(path):
     events, problem = scan_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else ([], "")
     text = {name: (path / name).read_text(encoding="utf-8", errors="replace") if (path / name).is_file() else ""
             for name in ("notes.md", "samples.md")}
-    return RunRecord(path=path, config=config, events=events, summary=_read_json(path / "summary.json"),
-                     env=_read_json(path / "env.json"), problem=problem, notes=text["notes.md"],
+    return RunRecord(path=path, config=config, events=events, summary=atomic.read_json(path / "summary.json", tolerant=True),
+                     env=atomic.read_json(path / "env.json", tolerant=True), problem=problem, notes=text["notes.md"],
                      samples=text["samples.md"])
 
 

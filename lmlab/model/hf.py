@@ -32,13 +32,10 @@ Design choices:
   existing non-empty target is never overwritten.
 """
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from lmlab import atomic
 from lmlab.config import Config, ModelConfig, validate
 from lmlab.errors import LmlabError
 
@@ -78,7 +75,8 @@ def hf_config(model_config, bos_id, eos_id, pad_id):
     """config.json for the model (see hf_architecture for the choice of class)."""
     m = model_config
     architecture = hf_architecture(m)
-    head_dim = m.head_dim or m.d_model // m.n_heads
+    m = m.resolved()
+    head_dim = m.head_dim
     config = {
         "architectures": [architecture],
         "vocab_size": m.vocab_size,
@@ -86,7 +84,7 @@ def hf_config(model_config, bos_id, eos_id, pad_id):
         "intermediate_size": m.d_ff,
         "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads,
-        "num_key_value_heads": m.n_kv_heads or m.n_heads,
+        "num_key_value_heads": m.n_kv_heads,
         "head_dim": head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": m.context_length,
@@ -114,43 +112,10 @@ def hf_config(model_config, bos_id, eos_id, pad_id):
 
 def hf_state_dict(model):
     """Our weights under HF names: everything but lm_head moves under "model."; a tied head is left out."""
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_embeddings:
-            continue
-        state[name if name.startswith("lm_head.") else f"model.{name}"] = tensor.detach().cpu().contiguous()
-    return state
+    from lmlab.model import weights
 
-
-def export_hf(run, out_dir, log=None):
-    """Write a run (a directory or a loaded `Run`) as a Hugging Face folder; returns its path."""
-    from safetensors.torch import save_file
-
-    from lmlab.rundir.run import Run, load_run
-
-    if not isinstance(run, Run):
-        run = load_run(run)
-    model_config = run.config.model
-    architecture = hf_architecture(model_config)  # refuse before anything is written
-    out_dir = Path(out_dir)
-    with _atomic_dir(out_dir) as tmp:
-        save_file(hf_state_dict(run.model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        eot_id, pad_id = _write_tokenizer(run.tokenizer, tmp, model_config.context_length)
-        _write_json(tmp / "config.json", hf_config(model_config, eot_id, eot_id, pad_id))
-        _write_json(tmp / "generation_config.json",
-                    {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": pad_id})
-    if log:
-        log(f"{architecture} ({run.model.num_params():,} parameters) -> {out_dir}")
-    return out_dir
-
-
-def _write_tokenizer(tokenizer, folder, context_length):
-    """tokenizer.json + tokenizer_config.json into `folder`; returns (eot id, pad id)."""
-    tokenizer.save(folder)  # tokenizer.json and an HF-style tokenizer_config.json (PreTrainedTokenizerFast)
-    config = _read_json(folder / "tokenizer_config.json")
-    config["model_max_length"] = context_length  # what the positions cover; HF's default is "infinite"
-    _write_json(folder / "tokenizer_config.json", config)
-    return int(tokenizer.eot_id), int(tokenizer.pad_id)
+    return {name if name.startswith("lm_head.") else f"model.{name}": tensor
+            for name, tensor in weights.to_save(model).items()}
 
 
 # --- in ----------------------------------------------------------------------------
@@ -166,33 +131,7 @@ def model_config_from_hf(hf, source="config.json"):
         if architecture != ARCHITECTURES[model_type]:
             raise LmlabError(f"{source}: architecture {architecture!r} is not supported; "
                              f"expected {ARCHITECTURES[model_type]}")
-
-    def refuse(key, why):
-        raise LmlabError(f"{source}: {key}={json.dumps(hf.get(key))} is not supported ({why})")
-
-    if hf.get("hidden_act", "silu") != "silu":
-        refuse("hidden_act", "lmlab's SwiGLU uses silu")
-    if hf.get("quantization_config"):
-        refuse("quantization_config", "import unquantized weights")
-    rope_theta = hf.get("rope_theta", 10000.0)
-    rope_scaling = hf.get("rope_scaling") or {}
-    if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) != "default":
-        refuse("rope_scaling", "lmlab implements plain RoPE only")
-    rope_parameters = hf.get("rope_parameters") or {}
-    if rope_parameters.get("rope_type", rope_parameters.get("type", "default")) != "default":
-        refuse("rope_parameters", "lmlab implements plain RoPE only")
-    if rope_parameters.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
-        refuse("partial_rotary_factor", "lmlab rotates every feature of a head")
-    rope_theta = rope_parameters.get("rope_theta", rope_theta)
-    if hf.get("use_sliding_window"):
-        refuse("use_sliding_window", "lmlab attends over the whole context")
-    if any(kind != "full_attention" for kind in hf.get("layer_types") or []):
-        refuse("layer_types", "lmlab attends over the whole context in every layer")
-    attention_bias = bool(hf.get("attention_bias", False))
-    mlp_bias = bool(hf.get("mlp_bias", False)) if model_type == "llama" else False
-    if attention_bias != mlp_bias:
-        refuse("attention_bias", f"with mlp_bias={json.dumps(mlp_bias)}: lmlab's model.bias puts biases "
-                                 "on attention and MLP together")
+    rope_theta, attention_bias = _supported_settings(hf, model_type, source)
     hf = {**HF_DEFAULTS[model_type], **hf}
     try:
         d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
@@ -224,6 +163,38 @@ def model_config_from_hf(hf, source="config.json"):
     return model_config
 
 
+
+def _supported_settings(hf, model_type, source):
+    """(rope_theta, bias) of an HF config dict, after refusing what lmlab's model does not compute."""
+    def refuse(key, why):
+        raise LmlabError(f"{source}: {key}={json.dumps(hf.get(key))} is not supported ({why})")
+
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "lmlab's SwiGLU uses silu")
+    if hf.get("quantization_config"):
+        refuse("quantization_config", "import unquantized weights")
+    rope_theta = hf.get("rope_theta", 10000.0)
+    rope_scaling = hf.get("rope_scaling") or {}
+    if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) != "default":
+        refuse("rope_scaling", "lmlab implements plain RoPE only")
+    rope_parameters = hf.get("rope_parameters") or {}
+    if rope_parameters.get("rope_type", rope_parameters.get("type", "default")) != "default":
+        refuse("rope_parameters", "lmlab implements plain RoPE only")
+    if rope_parameters.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        refuse("partial_rotary_factor", "lmlab rotates every feature of a head")
+    rope_theta = rope_parameters.get("rope_theta", rope_theta)
+    if hf.get("use_sliding_window"):
+        refuse("use_sliding_window", "lmlab attends over the whole context")
+    if any(kind != "full_attention" for kind in hf.get("layer_types") or []):
+        refuse("layer_types", "lmlab attends over the whole context in every layer")
+    attention_bias = bool(hf.get("attention_bias", False))
+    mlp_bias = bool(hf.get("mlp_bias", False)) if model_type == "llama" else False
+    if attention_bias != mlp_bias:
+        refuse("attention_bias", f"with mlp_bias={json.dumps(mlp_bias)}: lmlab's model.bias puts biases "
+                                 "on attention and MLP together")
+    return rope_theta, attention_bias
+
+
 def read_hf_weights(hf_dir):
     """The folder's tensors under our names: one model.safetensors, or the shards its index lists."""
     from safetensors.torch import load_file
@@ -232,7 +203,7 @@ def read_hf_weights(hf_dir):
     if (hf_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     elif (hf_dir / "model.safetensors.index.json").is_file():
-        index = _read_json(hf_dir / "model.safetensors.index.json")
+        index = atomic.read_json(hf_dir / "model.safetensors.index.json")
         files = sorted(set(index.get("weight_map", {}).values()))
         if not files:
             raise LmlabError(f"{hf_dir / 'model.safetensors.index.json'} lists no weight files")
@@ -252,6 +223,7 @@ def read_hf_weights(hf_dir):
 
 def load_hf_model(hf_dir):
     """(Transformer, Tokenizer, ModelConfig) from a local Hugging Face Llama / Qwen3 folder."""
+    from lmlab.model import weights
     from lmlab.model.transformer import Transformer
 
     hf_dir = Path(hf_dir)
@@ -259,29 +231,18 @@ def load_hf_model(hf_dir):
         raise LmlabError(f"Hugging Face folder {hf_dir} does not exist")
     if not (hf_dir / "config.json").is_file():
         raise LmlabError(f"{hf_dir} has no config.json; is it a Hugging Face model folder?")
-    hf = _read_json(hf_dir / "config.json")
+    hf = atomic.read_json(hf_dir / "config.json")
     model_config = model_config_from_hf(hf, source=str(hf_dir / "config.json"))
     tokenizer = load_hf_tokenizer(hf_dir, hf)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise LmlabError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model_config.vocab_size} embeddings")
 
-    state = read_hf_weights(hf_dir)
-    if model_config.tie_embeddings:
-        state.pop("lm_head.weight", None)  # some folders store the tied head anyway; it is the embedding
-        if "embed_tokens.weight" in state:
-            state["lm_head.weight"] = state["embed_tokens.weight"]
     model = Transformer(model_config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong_shape:
-        problems = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                    for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                        ("wrong shape", wrong_shape)) if keys]
-        raise LmlabError(f"{hf_dir}: the weights do not match config.json ({'; '.join(problems)})")
-    model.load_state_dict(state)
+    try:
+        weights.load(model, read_hf_weights(hf_dir))
+    except weights.WeightsMismatch as e:
+        raise LmlabError(f"{hf_dir}: the weights do not match config.json ({e})") from None
     return model.eval(), tokenizer, model_config
 
 
@@ -307,13 +268,13 @@ def load_hf_tokenizer(hf_dir, hf_config=None):
     def token_text(value):
         return value.get("content") if isinstance(value, dict) else value
 
-    sources = [_read_json(hf_dir / name) for name in ("tokenizer_config.json", "special_tokens_map.json")
+    sources = [atomic.read_json(hf_dir / name) for name in ("tokenizer_config.json", "special_tokens_map.json")
                if (hf_dir / name).is_file()]
     eos = next((token_text(s.get("eos_token")) for s in sources if s.get("eos_token")), None)
     pad = next((token_text(s.get("pad_token")) for s in sources if s.get("pad_token")), None)
     if eos is None:
-        configs = [_read_json(hf_dir / "generation_config.json")] if (hf_dir / "generation_config.json").is_file() else []
-        configs.append(hf_config if hf_config is not None else _read_json(hf_dir / "config.json"))
+        configs = [atomic.read_json(hf_dir / "generation_config.json")] if (hf_dir / "generation_config.json").is_file() else []
+        configs.append(hf_config if hf_config is not None else atomic.read_json(hf_dir / "config.json"))
         for config in configs:
             eos_id = config.get("eos_token_id")
             eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
@@ -325,68 +286,3 @@ def load_hf_tokenizer(hf_dir, hf_config=None):
         raise LmlabError(f"{hf_dir}: cannot tell the end-of-text token (no eos_token in tokenizer_config.json, "
                          f"no eos_token_id in config.json, no {EOT})")
     return Tokenizer(hf_tokenizer, eot=eos, pad=pad)
-
-
-def import_hf(hf_dir, run_dir, log=None):
-    """Turn a local Hugging Face Llama / Qwen3 folder into a run directory; returns its path.
-
-    The run loads with `lmlab.rundir.run.load_run`, samples with `lmlab generate` and
-    exports back to the same folder. Its config records the source folder as
-    model.init_from and data.tokenizer, so `lmlab train --config RUN/config.toml`
-    continues from these weights with this tokenizer.
-    """
-    from lmlab.rundir.run import save_config, save_weights
-
-    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
-    model, tokenizer, model_config = load_hf_model(hf_dir)
-    model_config.init_from = str(hf_dir.resolve())
-    config = Config(model=model_config, name=run_dir.name)
-    config.data.tokenizer = str(hf_dir.resolve())
-    validate(config)
-    with _atomic_dir(run_dir) as tmp:
-        save_config(tmp, config)
-        tokenizer.save(tmp)
-        save_weights(model, tmp)
-    if log:
-        log(model.summary())
-        log(f"{hf_dir} -> {run_dir}")
-    return run_dir
-
-
-# --- files -------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _atomic_dir(target):
-    """Yield an empty temporary directory that becomes `target` when the block succeeds."""
-    target = Path(target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise LmlabError(f"{target} already exists; give a new directory (nothing was overwritten)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield tmp
-        # mkdtemp, mkstemp and safetensors make private (0600 / 0700) files; a
-        # folder meant for sharing gets the user's usual permissions instead.
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in tmp.rglob("*"):
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if target.exists():
-            target.rmdir()  # an empty directory the user made for us
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmlabError(f"{path} is not valid JSON: {e}") from None
-
-
-def _write_json(path, obj):
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")

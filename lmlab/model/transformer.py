@@ -77,8 +77,7 @@ class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_heads = config.n_heads
-        self.n_kv_heads = config.n_kv_heads or config.n_heads
-        self.head_dim = config.head_dim or config.d_model // config.n_heads
+        self.n_kv_heads, self.head_dim = config.n_kv_heads, config.head_dim  # resolved by Transformer
         self.dropout = config.dropout
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.q_proj = nn.Linear(config.d_model, q_dim, bias=config.bias)
@@ -159,11 +158,11 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        assert config.vocab_size > 0 and config.d_ff > 0, "resolve vocab_size and d_ff before building the model"
-        self.config = config
-        self.head_dim = config.head_dim or config.d_model // config.n_heads
-        self.n_kv_heads = config.n_kv_heads or config.n_heads
+        assert config.vocab_size > 0, "set vocab_size (ModelConfig.resolved(tokenizer.vocab_size)) before building"
         assert config.head_dim or config.d_model % config.n_heads == 0
+        self.config = config
+        config = config.resolved()  # d_ff, n_kv_heads, head_dim filled in; the caller's config is left as it is
+        self.head_dim, self.n_kv_heads = config.head_dim, config.n_kv_heads
         assert config.n_heads % self.n_kv_heads == 0
 
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)

@@ -32,7 +32,8 @@ def git_state(cwd=None):
     return {"commit": commit, "dirty": bool(status), "root": _git(["rev-parse", "--show-toplevel"], cwd)}
 
 
-def _cpu_name():
+def cpu_name():
+    """The CPU model as /proc/cpuinfo names it (the platform's guess elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -48,13 +49,13 @@ def environment(device=None, precision=None, **extra):
     import tokenizers
     import torch
 
-    from lmlab import __version__
+    from lmlab.version import __version__
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {
         "lmlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
         "cuda": torch.version.cuda, "numpy": numpy.__version__, "tokenizers": tokenizers.__version__,
-        "platform": platform.platform(), "hostname": platform.node(), "cpu": _cpu_name(),
+        "platform": platform.platform(), "hostname": platform.node(), "cpu": cpu_name(),
         "cpu_count": os.cpu_count(), "gpus": gpus, "device": str(device) if device is not None else None,
         "precision": precision, "threads": torch.get_num_threads(), **extra,
         "git": git_state(), "cwd": os.getcwd(), "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),

@@ -31,6 +31,11 @@ from lmlab.errors import LmlabError
 NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
+def finite(x):
+    """True for a number that can be plotted or ranked (not NaN, inf, None or a string)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def jsonable(value):
     """JSON has no NaN/inf: write them as strings a reader can still parse (nested values too)."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -28,9 +28,10 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
+from lmlab.rundir.status import DIVERGED, TARGET_REACHED  # noqa: E402
 from lmlab import atomic  # noqa: E402
 from lmlab.errors import LmlabError  # noqa: E402
-from lmlab.rundir.metrics import read_metrics  # noqa: E402
+from lmlab.rundir.metrics import finite, read_metrics  # noqa: E402
 
 CLOCKS = {"step": ("step", "step"), "tokens": ("tokens", "tokens"),
           "time": ("elapsed_s", "training time"), "wall": ("wall_s", "wall-clock time")}
@@ -44,16 +45,13 @@ LOSSES = ("loss", "val_loss", "val_bpb", "val_ppl")  # curves that start high: c
 MAX_LEGEND_KEYS = 3
 
 
-def _finite(x):
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
 
 def plot_loss(run_dir, out=None):
     """plots/loss.png: train and validation loss against step."""
     run_dir = Path(run_dir)
     events = read_metrics(run_dir / "metrics.jsonl")
-    train = [(e["step"], e["loss"]) for e in events if _finite(e.get("loss"))]
-    val = [(e["step"], e["val_loss"]) for e in events if _finite(e.get("val_loss"))]
+    train = [(e["step"], e["loss"]) for e in events if finite(e.get("loss"))]
+    val = [(e["step"], e["val_loss"]) for e in events if finite(e.get("val_loss"))]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     if train:
         ax.plot(*zip(*train), label="train loss", color="tab:blue", alpha=0.8)
@@ -104,16 +102,8 @@ def _short(value):
 
 
 def compare_figure(records, x="step", metric="val_loss", logx=False, logy=False, smooth=None, title=None):
-    """A matplotlib figure of `metric` against the clock `x` for every run in `records` (runs.RunRecord)."""
-    if x not in CLOCKS:
-        raise LmlabError(f"unknown x axis '{x}'; choose one of {', '.join(CLOCKS)}")
-    key, clock_name = CLOCKS[x]
-    curves = [(r, r.series(metric, key)) for r in records]
-    if not any(points for _, points in curves):
-        available = sorted({k for r in records for e in r.events for k, v in e.items()
-                            if isinstance(v, (int, float)) and k not in ("step", "tokens", "elapsed_s", "wall_s")})
-        raise LmlabError(f"no run has '{metric}' against {x} in metrics.jsonl; metrics there: "
-                         f"{', '.join(available) or 'none'}")
+    """A matplotlib figure of `metric` against the clock `x` for every run in `records` (lab.table.RunRecord)."""
+    clock_name, curves = _curves(records, x, metric)
     scale, unit = (1.0, "")
     if x in ("time", "wall"):
         scale, unit = _time_scale(max(p[0] for _, points in curves for p in points) if curves else 0)
@@ -121,30 +111,11 @@ def compare_figure(records, x="step", metric="val_loss", logx=False, logy=False,
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     colors = plt.get_cmap("tab10" if len(records) <= 10 else "tab20").colors
     ends = set()
-    firsts = [v for _, points in curves for v in [next((v for _, v in points if _finite(v)), None)] if v is not None]
+    firsts = [v for _, points in curves for v in [next((v for _, v in points if finite(v)), None)] if v is not None]
     cap = 1.05 * max(firsts) if metric in LOSSES and firsts and not logy and max(firsts) > 0 else math.inf
     for i, (record, points) in enumerate(curves):
-        color = colors[i % len(colors)]
-        finite = [(px / scale, v) for px, v in points if _finite(v) and _finite(px)]
-        if not finite:
-            if points:  # measured, but never finite: say so rather than leave the run out silently
-                ax.plot([], [], "X", color=color, label=f"{_label(record)}: no finite value")
-            continue
-        xs, ys = map(np.asarray, zip(*finite))
-        window = smooth if smooth is not None else (max(1, round(len(ys) / 25)) if metric == "loss" else 1)
-        if window > 1:
-            ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
-            ax.plot(xs, moving_average(ys, window), color=color, label=_label(record), linewidth=1.6)
-        else:
-            style = "o-" if len(xs) <= 60 and metric.startswith("val") else "-"
-            ax.plot(xs, ys, style, color=color, label=_label(record), markersize=3.5, linewidth=1.4)
-        status, end = record.status, (xs[-1], min(ys[-1], cap))  # a marker above the cap sits on it
-        if status == "diverged" or len(finite) < len(points):
-            ax.plot(*end, "X", color=color, markersize=11, markeredgecolor="black", zorder=5, clip_on=False)
-            ends.add("diverged")
-        elif status == "target_reached":
-            ax.plot(*end, "*", color=color, markersize=15, markeredgecolor="black", zorder=5, clip_on=False)
-            ends.add("target_reached")
+        ends |= _draw_run(ax, record, points, colors[i % len(colors)], scale, cap,
+                          smooth if smooth is not None else (None if metric == "loss" else 1), metric)
 
     ax.set_xlabel(f"{clock_name} ({unit})" if unit else clock_name)
     ax.set_ylabel(LABELS.get(metric, metric))
@@ -155,19 +126,63 @@ def compare_figure(records, x="step", metric="val_loss", logx=False, logy=False,
     if logy:
         ax.set_yscale("log")
     elif math.isfinite(cap) and ax.get_ylim()[1] > cap:  # a diverging run would squash the others flat
-        low = min(v for _, points in curves for _, v in points if _finite(v))
+        low = min(v for _, points in curves for _, v in points if finite(v))
         ax.set_ylim(low - 0.05 * (cap - low), cap)
     ax.set_title(title or f"{TITLES.get(metric, metric)} against {clock_name}")
     ax.grid(alpha=0.3, which="both" if logy or logx else "major")
+    _legend(ax, ends, len(records))
+    fig.tight_layout()
+    return fig
+
+
+def _curves(records, x, metric):
+    """(the clock's name, [(record, [(x, value), ...])]); an LmlabError naming the metrics there are."""
+    if x not in CLOCKS:
+        raise LmlabError(f"unknown x axis '{x}'; choose one of {', '.join(CLOCKS)}")
+    key, clock_name = CLOCKS[x]
+    curves = [(r, r.series(metric, key)) for r in records]
+    if not any(points for _, points in curves):
+        available = sorted({k for r in records for e in r.events for k, v in e.items()
+                            if isinstance(v, (int, float)) and k not in ("step", "tokens", "elapsed_s", "wall_s")})
+        raise LmlabError(f"no run has '{metric}' against {x} in metrics.jsonl; metrics there: "
+                         f"{', '.join(available) or 'none'}")
+    return clock_name, curves
+
+
+def _draw_run(ax, record, points, color, scale, cap, smooth, metric):
+    """One run's curve (faint raw + moving average when smoothed) and its end marker; the markers used."""
+    kept = [(px / scale, v) for px, v in points if finite(v) and finite(px)]
+    if not kept:
+        if points:  # measured, but never finite: say so rather than leave the run out silently
+            ax.plot([], [], "X", color=color, label=f"{_label(record)}: no finite value")
+        return set()
+    xs, ys = map(np.asarray, zip(*kept))
+    window = smooth if smooth is not None else max(1, round(len(ys) / 25))
+    if window > 1:
+        ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(xs, moving_average(ys, window), color=color, label=_label(record), linewidth=1.6)
+    else:
+        style = "o-" if len(xs) <= 60 and metric.startswith("val") else "-"
+        ax.plot(xs, ys, style, color=color, label=_label(record), markersize=3.5, linewidth=1.4)
+    status, end = record.status, (xs[-1], min(ys[-1], cap))  # a marker above the cap sits on it
+    if status == DIVERGED or len(kept) < len(points):
+        ax.plot(*end, "X", color=color, markersize=11, markeredgecolor="black", zorder=5, clip_on=False)
+        return {DIVERGED}
+    if status == TARGET_REACHED:
+        ax.plot(*end, "*", color=color, markersize=15, markeredgecolor="black", zorder=5, clip_on=False)
+        return {TARGET_REACHED}
+    return set()
+
+
+def _legend(ax, ends, runs):
+    """The runs' legend, plus one entry per kind of end marker drawn."""
     handles, labels = ax.get_legend_handles_labels()
-    for name, marker, size in (("diverged", "X", 9), ("target_reached", "*", 12)):
+    for name, marker, size in ((DIVERGED, "X", 9), (TARGET_REACHED, "*", 12)):
         if name in ends:
             handles.append(Line2D([], [], marker=marker, linestyle="", color="gray", markeredgecolor="black",
                                   markersize=size))
             labels.append(name.replace("_", " "))
-    ax.legend(handles, labels, fontsize=8 if len(records) > 5 else 9, loc="best")
-    fig.tight_layout()
-    return fig
+    ax.legend(handles, labels, fontsize=8 if runs > 5 else 9, loc="best")
 
 
 def save_figure(fig, out):

@@ -65,8 +65,7 @@ class Run:
 
 def load_run(path, device="cpu"):
     """Load a run's model (eval mode), tokenizer and config from its directory."""
-    from safetensors.torch import load_file
-
+    from lmlab.model import weights as weights_io
     from lmlab.model.transformer import Transformer
     from lmlab.data.tokenizer import Tokenizer
 
@@ -79,22 +78,19 @@ def load_run(path, device="cpu"):
         raise LmlabError(f"{path} has no {WEIGHTS}: the run did not finish saving its weights")
     tokenizer = Tokenizer.load(path)
     model = Transformer(config.model)
-    state = load_file(weights, device=str(device))
-    if config.model.tie_embeddings:
-        state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
-    model.load_state_dict(state)
+    try:
+        weights_io.load_file(model, weights, device=device)
+    except weights_io.WeightsMismatch as e:
+        raise LmlabError(f"{weights} does not fit the run's config.toml ({e})") from None
     model.to(device).eval()
     return Run(path=path, config=config, model=model, tokenizer=tokenizer)
 
 
 def save_weights(model, run_dir, state=None):
-    """Final weights in safetensors (tied tensors stored once); `state` when they were gathered from ranks."""
-    from safetensors.torch import save_file
+    """Final weights in safetensors (tied tensors stored once); `state` when they were gathered from ranks.
 
-    if state is None:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    state = dict(state)
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    with atomic.atomic_path(Path(run_dir) / WEIGHTS) as tmp:
-        atomic.write_tensors(save_file, state, tmp)  # a full disk is an OSError (one line from the CLI)
+    A full disk is an OSError (one line from the CLI).
+    """
+    from lmlab.model import weights
+
+    weights.save_file(model, Path(run_dir) / WEIGHTS, state)

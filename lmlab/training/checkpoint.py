@@ -26,8 +26,10 @@ Design choices:
   counts; the grad scaler; every RNG (Python, NumPy, torch CPU and CUDA); the
   state of the LR schedule and the stop rules; the step (the data order is a
   function of (seed, step, micro, rank), so the step *is* the data position);
-  tokens, training and wall time; the running best / last losses; and how many
-  bytes of metrics.jsonl existed, so resuming cuts the log back to that point.
+  the loop's counters (its TrainState: step, tokens, training time, best and
+  last losses, under the same state.json keys since format 1, so older
+  checkpoints still load); wall time; and how many bytes of metrics.jsonl
+  existed, so resuming cuts the log back to that point.
 - Optimizer hyperparameters come from the config, not the checkpoint: only the
   per-parameter state is loaded, so an allowed change (optim.lr, weight_decay,
   ...) takes effect and an unchanged config gives the very same numbers.
@@ -53,8 +55,8 @@ import numpy as np
 import torch
 
 from lmlab import atomic
-from lmlab.training.distributed import Parallel
 from lmlab.errors import LmlabError
+from lmlab.training.distributed import Parallel
 
 FORMAT = 1
 DIR = "checkpoints"
@@ -168,13 +170,14 @@ def _jsonable(value):
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
-def save(run_dir, step, model, optimizer, scaler, state, stateful=None, keep=2, parallel=None):
+def save(run_dir, step, model, optimizer, scaler, fields, stateful=None, keep=2, parallel=None):
     """Write checkpoints/step_NNNNNN atomically, point `latest` at it, keep the newest `keep`; returns its path.
 
-    `state`: JSON-able counters (tokens, elapsed_s, losses, ...). `stateful`: {name: object with
-    state_dict()} such as the LR schedule and the stop rules. Raises OSError when the disk says no;
-    nothing partial is left behind and the previous checkpoints are untouched. Under torchrun every
-    rank calls it (gathering the state is collective) and rank 0 writes; the others return None.
+    `fields`: the JSON-able rest of state.json (the loop's TrainState, the size of metrics.jsonl,
+    ...). `stateful`: {name: object with state_dict()} such as the LR schedule and the stop rules.
+    Raises OSError when the disk says no; nothing partial is left behind and the previous
+    checkpoints are untouched. Under torchrun every rank calls it (gathering the state is
+    collective) and rank 0 writes; the others return None.
     """
     from safetensors.torch import save_file
 
@@ -198,7 +201,7 @@ def save(run_dir, step, model, optimizer, scaler, state, stateful=None, keep=2, 
             _fsync(tmp / name)
             files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
         record = {
-            "format": FORMAT, "step": step, **{k: _jsonable(v) for k, v in state.items()},
+            "format": FORMAT, "step": step, **{k: _jsonable(v) for k, v in fields.items()},
             "rng": rngs[0], **({"rng_ranks": rngs} if len(rngs) > 1 else {}), "optimizer": optimizer_part, "scaler": scaler.state_dict(),
             "stateful": {name: obj.state_dict() for name, obj in (stateful or {}).items() if hasattr(obj, "state_dict")},
             "files": files,
@@ -221,11 +224,9 @@ def save(run_dir, step, model, optimizer, scaler, state, stateful=None, keep=2, 
 
 def _weights(model, state=None):
     """The weights as the run's model.safetensors holds them: Hugging Face names, a tied matrix once."""
-    if state is None:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_embeddings", False):
-        state.pop("lm_head.weight", None)
-    return state
+    from lmlab.model import weights
+
+    return weights.to_save(model, state)
 
 
 def _umask():
@@ -336,21 +337,14 @@ def load_into(path, state, model, optimizer, scaler, stateful=None, log=print, p
     """
     from safetensors.torch import load_file
 
+    from lmlab.model import weights as weights_io
+
     path = Path(path)
     parallel = parallel or Parallel()
     try:
-        weights = load_file(str(path / MODEL))
-        if getattr(model.config, "tie_embeddings", False):
-            weights.setdefault("lm_head.weight", weights.get("embed_tokens.weight"))
-        missing, unexpected = set(model.state_dict()) - set(weights), set(weights) - set(model.state_dict())
-        if missing or unexpected:
-            raise RuntimeError(f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-        for name, value in model.state_dict().items():
-            if tuple(weights[name].shape) != tuple(value.shape):
-                raise RuntimeError(f"{name} has shape {tuple(weights[name].shape)}, the model {tuple(value.shape)}")
-    except RuntimeError as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"checkpoint {path}: {MODEL} does not fit the model ({reason})") from None
+        weights = weights_io.to_load(model, load_file(str(path / MODEL)))
+    except weights_io.WeightsMismatch as e:
+        raise CheckpointError(f"checkpoint {path}: {MODEL} does not fit the model ({e})") from None
     except Exception as e:  # safetensors raises its own error type on a damaged file
         raise CheckpointError(f"checkpoint {path}: {MODEL} cannot be read ({e})") from None
     try:
@@ -408,18 +402,22 @@ class Checkpointer:
         return bool(self.every and step % self.every == 0) or bool(
             self.seconds and elapsed - self.last_elapsed >= self.seconds)
 
-    def save(self, step, model, optimizer, scaler, metrics, stateful=None, parallel=None, **counters):
-        """Save at `step`; True when written. A failed write is logged (one line) and training goes on."""
+    def save(self, state, model, optimizer, scaler, metrics, stateful=None, parallel=None):
+        """Save the run at `state` (a TrainState); True when written.
+
+        A failed write is logged (one line) and training goes on.
+        """
+        step = state.step
         if not self.keep or step == self.last_step or step == 0:
             return False
-        self.last_step, self.last_elapsed = step, counters.get("elapsed_s", 0.0)  # a failure waits for the next trigger
+        self.last_step, self.last_elapsed = step, state.elapsed_s  # a failure waits for the next trigger
         from lmlab.config import to_dict
 
         main = parallel is None or parallel.is_main
-        state = {**counters, "metrics_bytes": _metrics_bytes(metrics) if main else 0,
-                 "wall_s": _wall_s(metrics), "data": self.data, "config": to_dict(self.config)}
+        fields = {**state.to_checkpoint(), "metrics_bytes": _metrics_bytes(metrics) if main else 0,
+                  "wall_s": _wall_s(metrics), "data": self.data, "config": to_dict(self.config)}
         try:
-            save(self.run_dir, step, model, optimizer, scaler, state, stateful=stateful, keep=self.keep,
+            save(self.run_dir, step, model, optimizer, scaler, fields, stateful=stateful, keep=self.keep,
                  parallel=parallel)
         except OSError as e:
             reason = e.strerror or str(e)

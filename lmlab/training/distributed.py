@@ -254,7 +254,7 @@ class Parallel:
             return {}
         names = _param_names(model, optimizer)
         index = {name: i for i, name in enumerate(names)}
-        groups, start = [], 0
+        groups = []
         for group in by_name["param_groups"]:
             groups.append({**group, "params": [index[n] for n in group["params"]]})
         state = {index[name]: value for name, value in by_name["state"].items()}

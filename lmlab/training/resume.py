@@ -23,6 +23,9 @@ Design choices:
   machine, same settings).
 - metrics.jsonl is cut back to its size at the checkpoint, so the log goes on
   without duplicated or missing steps; wall_s goes on from the checkpoint's.
+- The loop's counters come back as one TrainState (state.py), read from the
+  state.json keys every checkpoint has had, so checkpoints written by an
+  older lmlab resume too.
 - train.resume is how a run was started, not what it is: a run's config.toml
   always says resume = "", so `lmlab train --config runs/X/config.toml` still
   repeats the run in a new directory.
@@ -33,14 +36,15 @@ Design choices:
 
 import copy
 import dataclasses
-import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmlab.config import flat_keys
 from lmlab.errors import LmlabError
+from lmlab.training.state import TrainState
 
 FROZEN_SECTIONS = ("model", "data")
 MAY_CHANGE = {"data.cache_dir", "data.workers"}  # in a frozen section, but a location or a speed setting
@@ -67,38 +71,22 @@ def resume_config(run, config_path=None, overrides=()):
     return load_config(config_path or run / "config.toml", [*overrides, f"train.resume={run}"])
 
 
-def _flat(config):
-    from lmlab.config import to_dict
-
-    out = {}
-    for section, values in to_dict(config).items():
-        if isinstance(values, dict):
-            out.update({f"{section}.{key}": value for key, value in values.items()})
-        else:
-            out[section] = values
-    return out
-
-
 def _as_resolved(new, saved):
     """`new` with its derived model values (0 = derive) filled in as the trainer would, for comparison."""
-    from lmlab.config import resolve_d_ff
-
     new = copy.deepcopy(new)
     m, s = new.model, saved.model
     if m.init_from and m.init_from == s.init_from:
         # the architecture came from the Hugging Face folder; only these two are training choices
         new.model = dataclasses.replace(s, context_length=m.context_length, dropout=m.dropout)
         return new
-    if m.vocab_size == 0:
-        m.vocab_size = s.vocab_size  # follows the tokenizer, which is checked on its own
-    m.d_ff = resolve_d_ff(m)
-    m.n_kv_heads = m.n_kv_heads or m.n_heads
+    new.model = m.resolved(vocab_size=s.vocab_size)  # vocab follows the tokenizer, which is checked on its own
     return new
 
 
 def config_changes(saved, new):
     """{key: [old, new]} of the keys that may change; LmlabError listing the ones that may not."""
-    before, after = _flat(saved), _flat(_as_resolved(new, saved))
+    saved = dataclasses.replace(saved, model=saved.model.resolved())  # a run saved before head_dim was written back
+    before, after = flat_keys(saved), flat_keys(_as_resolved(new, saved))
     frozen, changed = [], {}
     for key in after:
         if key in NOT_COMPARED or before.get(key) == after[key]:
@@ -126,23 +114,23 @@ def _check_writable(run_dir):
                              "copy the run somewhere writable and resume the copy") from None
 
 
-def _check_budget(run_dir, config, state):
+def _check_budget(run_dir, config, record):
     from lmlab.config import total_steps
 
     steps, max_time = total_steps(config), config.train.max_time
-    if steps is not None and state["step"] >= steps:
-        raise LmlabError(f"{run_dir} is already at step {state['step']} of {steps}; raise train.max_steps "
+    if steps is not None and record["step"] >= steps:
+        raise LmlabError(f"{run_dir} is already at step {record['step']} of {steps}; raise train.max_steps "
                          "(or train.max_tokens) to train it further")
-    if steps is None and max_time and state["elapsed_s"] >= max_time:
-        raise LmlabError(f"{run_dir} has already used {state['elapsed_s']:.0f}s of its train.max_time={max_time:g}s; "
+    if steps is None and max_time and record["elapsed_s"] >= max_time:
+        raise LmlabError(f"{run_dir} has already used {record['elapsed_s']:.0f}s of its train.max_time={max_time:g}s; "
                          "raise train.max_time to train it further")
 
 
-def _check_data(run_dir, state, shards_dir):
-    from lmlab.training.checkpoint import data_identity
+def _check_data(run_dir, record, shards_dir):
     from lmlab.data.shards import load_meta
+    from lmlab.training.checkpoint import data_identity
 
-    now, then = data_identity(load_meta(shards_dir)), state.get("data") or {}
+    now, then = data_identity(load_meta(shards_dir)), record.get("data") or {}
     differences = [f"{key} {now.get(key)} (the run had {then.get(key)})"
                    for key in sorted(set(now) | set(then)) if now.get(key) != then.get(key)]
     if differences:
@@ -156,44 +144,50 @@ class Resumed:
 
     run_dir: Path
     checkpoint: Path | None = None
-    state: dict | None = None
+    record: dict | None = None  # the checkpoint's state.json, verified
     changed: dict = dataclasses.field(default_factory=dict)
 
     def check_data(self, shards_dir):
         """Refuse data (tokenizer, split sizes) other than the checkpoint's; still before any write."""
         if self.checkpoint is not None:
-            _check_data(self.run_dir, self.state, shards_dir)
+            _check_data(self.run_dir, self.record, shards_dir)
 
     def restore(self, model, optimizer, scaler, metrics, checkpointer, stateful=None, log=print, parallel=None):
         """State back in place, metrics.jsonl cut back (by rank 0), the resume recorded.
 
-        Returns (step, elapsed_s, best_val, val_loss, loss) to continue from.
+        Returns the TrainState to continue from: the checkpoint's, or a fresh one when the
+        run starts over (no checkpoint yet).
         """
         from lmlab.training.checkpoint import load_into
 
-        state = self.state or {}
-        if metrics.path is not None:  # rank 0 (the other ranks of a torchrun job write no metrics)
-            size = metrics.path.stat().st_size
-            keep = state.get("metrics_bytes", 0)
-            if size < keep:
-                log(f"warning: {metrics.path} is shorter than at the checkpoint ({size} < {keep} bytes); "
-                    "some earlier events are missing from it")
-            os.truncate(metrics.path, min(size, keep))  # MetricsLog appends (O_APPEND): it writes at the new end
+        record = self.record or {}
+        _cut_metrics_back(metrics, record.get("metrics_bytes", 0), log)
         if self.checkpoint is None:
-            return 0, 0.0, math.inf, math.nan, math.nan
-        load_into(self.checkpoint, state, model, optimizer, scaler, stateful=stateful, log=log, parallel=parallel)
-        step, elapsed = state["step"], state["elapsed_s"]
-        if state.get("wall_s") is not None and hasattr(metrics, "started"):
-            metrics.started = time.perf_counter() - state["wall_s"]  # wall_s goes on from the checkpoint's
-        checkpointer.last_step, checkpointer.last_elapsed = step, elapsed
-        metrics.write(step=step, tokens=state["tokens"], elapsed_s=round(elapsed, 3), kind="resume",
-                      checkpoint=self.checkpoint.name, changed=self.changed)
+            return TrainState()
+        load_into(self.checkpoint, record, model, optimizer, scaler, stateful=stateful, log=log, parallel=parallel)
+        state = TrainState.from_checkpoint(record)
+        if record.get("wall_s") is not None and hasattr(metrics, "started"):
+            metrics.started = time.perf_counter() - record["wall_s"]  # wall_s goes on from the checkpoint's
+        checkpointer.last_step, checkpointer.last_elapsed = state.step, state.elapsed_s
+        metrics.write(**state.where(), kind="resume", checkpoint=self.checkpoint.name, changed=self.changed)
         changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in self.changed.items())
-        log(f"resuming {self.run_dir} from {self.checkpoint.name}: step {step}, {state['tokens']:,} tokens, "
-            f"{elapsed:.0f}s of training" + (f"; changed: {changes}" if changes else ""))
-        best, val, loss = state.get("best_val"), state.get("val_loss"), state.get("loss")
-        return (step, elapsed, math.inf if best is None else best, math.nan if val is None else val,
-                math.nan if loss is None else loss)
+        log(f"resuming {self.run_dir} from {self.checkpoint.name}: step {state.step}, {state.tokens:,} tokens, "
+            f"{state.elapsed_s:.0f}s of training" + (f"; changed: {changes}" if changes else ""))
+        return state
+
+
+def _cut_metrics_back(metrics, keep, log):
+    """Truncate metrics.jsonl to its size at the checkpoint (rank 0; other ranks write no metrics).
+
+    MetricsLog appends (O_APPEND), so it goes on writing at the new end.
+    """
+    if metrics.path is None:
+        return
+    size = metrics.path.stat().st_size
+    if size < keep:
+        log(f"warning: {metrics.path} is shorter than at the checkpoint ({size} < {keep} bytes); "
+            "some earlier events are missing from it")
+    os.truncate(metrics.path, min(size, keep))
 
 
 def prepare(config, log=print):
@@ -203,8 +197,8 @@ def prepare(config, log=print):
     config.train.run_name / runs_dir to the resumed run and config.model to the run's
     resolved model section. `Resumed.check_data` follows once the data is there.
     """
-    from lmlab.training import checkpoint
     from lmlab.config import from_dict
+    from lmlab.training import checkpoint
 
     t = config.train
     if not t.resume:
@@ -219,7 +213,7 @@ def prepare(config, log=print):
         return None
     check_run_dir(run_dir)
     t.run_name, t.runs_dir = run_dir.name, str(run_dir.parent)
-    path, state = checkpoint.latest(run_dir, log=log)
+    path, record = checkpoint.latest(run_dir, log=log)
     if path is None:
         if (run_dir / "summary.json").exists() or (run_dir / "model.safetensors").exists():
             # a run that ended without checkpoints (train.keep_checkpoints=0), or an imported model: keep it
@@ -230,14 +224,14 @@ def prepare(config, log=print):
         log(f"{run_dir} has no checkpoint yet: starting it again from step 0")
         return Resumed(run_dir)
     try:
-        saved = from_dict(state.get("config") or {}, source=f"{path}/state.json")
+        saved = from_dict(record.get("config") or {}, source=f"{path}/state.json")
     except LmlabError as e:
         raise checkpoint.CheckpointError(f"checkpoint {path} was written by another lmlab version: {e}") from None
     try:
         changed = config_changes(saved, config)
     except LmlabError as e:
         raise LmlabError(f"cannot resume {run_dir}: {e}") from None
-    _check_budget(run_dir, config, state)
+    _check_budget(run_dir, config, record)
     _check_writable(run_dir)
     config.model = saved.model  # the resolved model the checkpoint holds (vocab_size, d_ff, ... filled in)
-    return Resumed(run_dir, path, state, changed)
+    return Resumed(run_dir, path, record, changed)

@@ -25,6 +25,8 @@ Design choices:
 
 import math
 
+from lmlab.rundir.status import COMPLETED, DIVERGED, TARGET_REACHED, TIME_BUDGET
+
 
 class StopRules:
     def __init__(self, train_cfg, tokens_per_step):
@@ -49,7 +51,7 @@ class StopRules:
         if self.diverged_at is None:
             recorded = value if math.isfinite(value) else str(value)  # JSON has no NaN / inf
             self.diverged_at = self._where(step, elapsed, **{what: recorded}, reason=why)
-            self._stop("diverged", f"{what} {value:.4g} at step {step}: {why}; stopping (status diverged)")
+            self._stop(DIVERGED, f"{what} {value:.4g} at step {step}: {why}; stopping (status diverged)")
 
     def observe_loss(self, step, loss, elapsed):
         """A logged training loss (after `step` optimizer steps)."""
@@ -77,17 +79,17 @@ class StopRules:
             self._diverge(step, elapsed, "val_loss", val_loss, f"validation loss is {val_loss}")
         elif self.target and val_loss <= self.target and self.target_hit is None:
             self.target_hit = self._where(step, elapsed, val_loss=val_loss)
-            self._stop("target_reached", f"val_loss {val_loss:.4f} <= train.target_val_loss={self.target:g} at "
+            self._stop(TARGET_REACHED, f"val_loss {val_loss:.4f} <= train.target_val_loss={self.target:g} at "
                                          f"step {step} ({elapsed:.0f}s): stopping (status target_reached)")
 
     def check_time(self, step, elapsed):
         if self.max_time and elapsed >= self.max_time:
-            self._stop("time_budget", f"train.max_time={self.max_time:g}s used up at step {step}: "
+            self._stop(TIME_BUDGET, f"train.max_time={self.max_time:g}s used up at step {step}: "
                                       "stopping (status time_budget)")
 
     def final_status(self, status):
         """The run's status: the loop's own (completed, interrupted, ...) unless a rule fired."""
-        if self.reason and status == "completed":
+        if self.reason and status == COMPLETED:
             return self.reason
         return status
 

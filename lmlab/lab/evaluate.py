@@ -14,11 +14,12 @@ Design choices:
   (a Hugging Face folder) the bundled TinyStories validation text.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lmlab.errors import LmlabError
 from lmlab.evals import choice, output, perplexity, probes
+from lmlab.evals.options import EvalOptions
 
 
 @dataclass
@@ -54,10 +55,9 @@ def load_target(path, device="cpu", out=None):
 
 
 def _load_checkpoint(path, device, out):
-    from safetensors.torch import load_file
-
-    from lmlab.training import checkpoint
+    from lmlab.model import weights
     from lmlab.model.transformer import Transformer
+    from lmlab.training import checkpoint
     from lmlab.rundir.run import load_run_config
     from lmlab.data.tokenizer import Tokenizer
 
@@ -65,10 +65,10 @@ def _load_checkpoint(path, device, out):
     run_dir = path.parent.parent
     config = load_run_config(run_dir)
     model = Transformer(config.model)
-    state = load_file(str(path / checkpoint.MODEL), device=str(device))
-    if config.model.tie_embeddings:
-        state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
-    model.load_state_dict(state)
+    try:
+        weights.load_file(model, path / checkpoint.MODEL, device=device)
+    except weights.WeightsMismatch as e:
+        raise LmlabError(f"checkpoint {path}: {checkpoint.MODEL} does not fit the run's config.toml ({e})") from None
     model.to(device).eval()
     return Target(path, model, Tokenizer.load(run_dir), config, Path(out) if out else run_dir / "evals",
                   run_dir=run_dir, suffix=f"-{path.name}")
@@ -99,77 +99,84 @@ def _probe_stream(target, probe_text, text_key, log):
     return probes.shard_stream(_run_data(target, log), "val")
 
 
-def run_evals(path, text=(), text_key="text", shards=None, split="val", val=False, probe=(), probe_text=(),
-              lengths=None, samples=32, separator=None, choice_sets=(), fmt="auto", style="auto", fewshot=None,
-              shots=0, norm="none", stride=None, limit=0, seed=0, device="cpu", precision="fp32", out=None,
-              log=print):
-    """Run every evaluation asked for on one model; returns {name: result}."""
+def run_evals(path, options=None, log=print, **changes):
+    """Run every evaluation `options` asks for on one model; returns {name: result}.
+
+    From Python the options can also be keywords: `run_evals("runs/x", text=["valid.txt"], limit=100)`.
+    """
     from lmlab.device import resolve_device, resolve_precision
 
-    if not (text or shards or val or probe or choice_sets):
-        raise LmlabError("nothing to evaluate: give --text FILE, --shards DIR, --val, --probe copy|reverse|history "
-                         "or --choice FILE|mmlu|cmmlu")
-    if stride is not None and stride <= 0:
-        raise LmlabError(f"--stride must be positive, got {stride}")
-    if samples <= 0 or limit < 0 or shots < 0 or any(n <= 0 for n in lengths or ()):
-        raise LmlabError("--samples and --lengths must be positive, --limit and --shots >= 0")
-    for name in probe:
-        if name not in probes.PROBES:
-            raise LmlabError(f"unknown probe {name!r}; choose copy, reverse or history")
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
-    target = load_target(path, device=device, out=out)
-    model, tokenizer = target.model, target.tokenizer
-    context_length = model.config.context_length
-    if stride is not None and stride > context_length:
-        raise LmlabError(f"--stride {stride} is longer than the model's context ({context_length})")
-    log(f"{target.path}: {model.summary()}")
-    common = {"device": device, "precision": precision}
+    options = replace(options or EvalOptions(), **changes)
+    options.check()
+    device = resolve_device(options.device)
+    precision = resolve_precision(options.precision, device)
+    target = load_target(path, device=device, out=options.out)
+    context_length = target.model.config.context_length
+    if options.stride is not None and options.stride > context_length:
+        raise LmlabError(f"--stride {options.stride} is longer than the model's context ({context_length})")
+    log(f"{target.path}: {target.model.summary()}")
     results = {}
-
-    def finish(name, result, table, plot=False):
+    for name, result, table, plot in _evaluations(target, options, log, device=device, precision=precision):
         name += target.suffix
-        log(f"\n{name}\n{table}")
-        json_path = output.write_result(target.out_dir, name, result, target.path.resolve(), model)
-        if plot:
-            output.plot_probe(result, target.out_dir / f"{name}.png", title=f"{name}: {target.path.name}")
-        log(f"-> {json_path}" + (f" and {name}.png" if plot else ""))
+        _write(target, name, result, table, plot, log)
         results[name] = result
-
-    if text:
-        result = perplexity.text_perplexity(model, tokenizer, text, text_key=text_key, stride=stride,
-                                            limit=limit, **common)
-        name = "text-" + choice.base_name(text[0]) + (f"-and-{len(text) - 1}-more" if len(text) > 1 else "")
-        finish(name, result, output.perplexity_table(result))
-    if shards:
-        result = perplexity.shard_perplexity(model, tokenizer, shards, split=split, stride=stride, limit=limit,
-                                             **common)
-        finish(f"shards-{split}", result, output.perplexity_table(result))
-    if val:
-        result = _val_subset(target, log, **common)
-        finish("val", result, output.perplexity_table(result))
-    if probe:
-        stream = _probe_stream(target, probe_text, text_key, log)
-        for name in probe:
-            if name == "history":
-                result = probes.history_probe(model, stream, samples=limit or 2 * samples, seed=seed, **common)
-            else:
-                result = probes.copy_probe(model, tokenizer, stream, task=name, lengths=lengths,
-                                           samples=limit or samples, shots=shots, separator=separator,
-                                           stride=stride, seed=seed, **common)
-            finish(name, result, output.probe_table(result), plot=True)
-    for set_name in choice_sets:
-        items_path, bundled_fewshot = choice.resolve_set(set_name)
-        items, detected = choice.read_items(items_path, fmt)
-        fewshot_file = fewshot or bundled_fewshot
-        fewshot_items = choice.read_items(fewshot_file, detected)[0] if fewshot_file and shots else None
-        result = choice.choice_eval(model, tokenizer, choice.limit_per_subject(items, limit), detected,
-                                    style=style, shots=shots, fewshot_items=fewshot_items, norm=norm, **common)
-        result["file"] = str(items_path)
-        result["fewshot_file"] = str(fewshot_file) if fewshot_file and shots else None
-        finish(f"choice-{set_name if set_name in choice.BUNDLED else choice.base_name(items_path)}", result,
-               output.choice_table(result))
     return results
+
+
+def _evaluations(target, o, log, **common):
+    """(name, result, table, plot?) of each evaluation asked for, each computed when it is drawn."""
+    model, tokenizer = target.model, target.tokenizer
+    if o.text:
+        result = perplexity.text_perplexity(model, tokenizer, o.text, text_key=o.text_key, stride=o.stride,
+                                            limit=o.limit, **common)
+        name = "text-" + choice.base_name(o.text[0]) + (f"-and-{len(o.text) - 1}-more" if len(o.text) > 1 else "")
+        yield name, result, output.perplexity_table(result), False
+    if o.shards:
+        result = perplexity.shard_perplexity(model, tokenizer, o.shards, split=o.split, stride=o.stride,
+                                             limit=o.limit, **common)
+        yield f"shards-{o.split}", result, output.perplexity_table(result), False
+    if o.val:
+        result = _val_subset(target, log, **common)
+        yield "val", result, output.perplexity_table(result), False
+    if o.probe:
+        stream = _probe_stream(target, o.probe_text, o.text_key, log)
+        for name in o.probe:
+            result = _probe(name, target, stream, o, **common)
+            yield name, result, output.probe_table(result), True
+    for set_name in o.choice:
+        result = _choice(set_name, target, o, **common)
+        name = set_name if set_name in choice.BUNDLED else choice.base_name(result["file"])
+        yield f"choice-{name}", result, output.choice_table(result), False
+
+
+def _write(target, name, result, table, plot, log):
+    """Print an evaluation's table; write its JSON (and a probe's plot) to the target's evals directory."""
+    log(f"\n{name}\n{table}")
+    json_path = output.write_result(target.out_dir, name, result, target.path.resolve(), target.model)
+    if plot:
+        output.plot_probe(result, target.out_dir / f"{name}.png", title=f"{name}: {target.path.name}")
+    log(f"-> {json_path}" + (f" and {name}.png" if plot else ""))
+
+
+def _probe(name, target, stream, o, **common):
+    if name == "history":
+        return probes.history_probe(target.model, stream, samples=o.limit or 2 * o.samples, seed=o.seed, **common)
+    return probes.copy_probe(target.model, target.tokenizer, stream, task=name, lengths=o.lengths,
+                             samples=o.limit or o.samples, shots=o.shots, separator=o.separator, stride=o.stride,
+                             seed=o.seed, **common)
+
+
+def _choice(set_name, target, o, **common):
+    """A multiple-choice set (bundled name or file), its few-shot examples from --fewshot or its dev split."""
+    items_path, bundled_fewshot = choice.resolve_set(set_name)
+    items, detected = choice.read_items(items_path, o.format)
+    fewshot_file = (o.fewshot or bundled_fewshot) if o.shots else None
+    fewshot_items = choice.read_items(fewshot_file, detected)[0] if fewshot_file else None
+    result = choice.choice_eval(target.model, target.tokenizer, choice.limit_per_subject(items, o.limit), detected,
+                                style=o.style, shots=o.shots, fewshot_items=fewshot_items, norm=o.norm, **common)
+    result["file"] = str(items_path)
+    result["fewshot_file"] = str(fewshot_file) if fewshot_file else None
+    return result
 
 
 def _val_subset(target, log, device, precision):
