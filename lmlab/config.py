@@ -105,7 +105,7 @@ class OptimConfig:
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     min_lr: float = 1e-4  # learning rate at the last step
     warmup_steps: int = 100  # linear warmup from 0 to lr
-    schedule: Literal["cosine", "constant", "wsd", "linear", "plateau"] = "cosine"  # after warmup: cosine | linear (to min_lr at the end) | wsd | constant | plateau (see README)
+    schedule: Literal["cosine", "constant", "wsd", "linear", "plateau"] = "cosine"  # after warmup: cosine | linear (to min_lr at the end) | wsd | constant | plateau (see docs/schedules.md)
     progress: Literal["auto", "steps", "tokens", "time"] = "auto"  # what the schedule runs on: steps, tokens, time (train.max_time); auto = the budget nearest its end
     wsd_decay_fraction: float = 0.2  # wsd: share of the run, at its end, over which lr decays to min_lr (stable before)
     wsd_decay_shape: Literal["1-sqrt", "linear", "cosine"] = "1-sqrt"  # wsd decay: 1-sqrt (Hagele et al. 2024), linear, cosine

@@ -143,7 +143,7 @@ def test_a_two_process_run_killed_and_resumed_continues_exactly(runs, mode, tmp_
 
 
 def test_a_checkpoint_of_two_processes_resumes_in_one(runs):
-    """Another world size: the data order and the optimizer state carry over (README: "Several GPUs")."""
+    """Another world size: the data order and the optimizer state carry over (docs/distributed.md)."""
     found, _ = runs
     run_dir = found["ddp"].parent / "ddp-then-single"
     shutil.copytree(found["ddp"], run_dir)

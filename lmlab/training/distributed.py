@@ -23,7 +23,7 @@ Design choices:
   state (for FSDP with torch.distributed.checkpoint's full state dict, offloaded
   to CPU) and writes the usual safetensors files; every rank's RNG states are
   kept. So a checkpoint resumes under any world size that divides grad_accum
-  (see README "Several GPUs").
+  (see docs/distributed.md).
 - Host-side decisions (time budget, stop signals) are agreed every step over a
   CPU (gloo) group, so every rank stops at the same step and none waits forever
   in a collective; `train.dist_timeout` bounds any collective, and torchrun ends
