@@ -13,6 +13,13 @@ import tempfile
 from pathlib import Path
 
 
+def current_umask():
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path; on success it is fsynced and renamed to `path`."""
@@ -22,8 +29,7 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = current_umask()
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files owner-only; give the usual permissions
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -51,8 +57,7 @@ def atomic_dir(target):
         yield tmp
         # mkdtemp, mkstemp and safetensors make private (0600 / 0700) files; a
         # folder meant for sharing gets the user's usual permissions instead.
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = current_umask()
         for path in tmp.rglob("*"):
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         os.chmod(tmp, 0o777 & ~umask)

@@ -197,7 +197,7 @@ def save(run_dir, step, model, optimizer, scaler, fields, stateful=None, keep=2,
         atomic.write_tensors(save_file, tensors, tmp / OPTIMIZER)
         files = {}
         for name in (MODEL, OPTIMIZER):
-            os.chmod(tmp / name, 0o666 & ~_umask())  # safetensors writes owner-only files
+            os.chmod(tmp / name, 0o666 & ~atomic.current_umask())  # safetensors writes owner-only files
             _fsync(tmp / name)
             files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
         record = {
@@ -208,7 +208,7 @@ def save(run_dir, step, model, optimizer, scaler, fields, stateful=None, keep=2,
         }
         (tmp / STATE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         _fsync(tmp / STATE)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes directories owner-only
+        os.chmod(tmp, 0o777 & ~atomic.current_umask())  # mkdtemp makes directories owner-only
         _fsync(tmp)
         if final.exists():  # left by a run that crashed between this rename and `latest`: replace it
             _discard(final)
@@ -228,11 +228,6 @@ def _weights(model, state=None):
 
     return weights.to_save(model, state)
 
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _discard(path):
