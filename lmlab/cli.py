@@ -216,13 +216,15 @@ def generate_flags(p):
 
 def run_generate(args):
     from lmlab.device import resolve_device
-    from lmlab.model.sampling import generate
+    from lmlab.model.sampling import check_sampling, generate
     from lmlab.rundir.run import load_run
 
+    temperature = 0.0 if args.greedy else args.temperature
+    check_sampling(args.max_new_tokens, temperature, args.top_k, args.top_p)  # before the prompt is printed
     run = load_run(args.run, device=resolve_device(args.device))
     print(args.prompt, end="", flush=True)
     generate(run.model, run.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-             temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
+             temperature=temperature, top_k=args.top_k, top_p=args.top_p,
              seed=args.seed, stream=lambda piece: print(piece, end="", flush=True))
     print()
 

@@ -103,9 +103,9 @@ def test_same_seed_same_samples():
 
 
 def test_bad_sampling_arguments_are_rejected():
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(LmlabError, match="temperature"):
         sample_next(random_logits(), temperature=-1)
-    with pytest.raises(ValueError, match="top_p"):
+    with pytest.raises(LmlabError, match="top_p"):
         sample_next(random_logits(), top_p=0)
 
 

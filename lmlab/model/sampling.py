@@ -24,6 +24,23 @@ import torch
 from lmlab.errors import LmlabError
 
 
+def check_sampling(max_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0):
+    """Refuse sampling settings that cannot work, before anything is printed or computed.
+
+    An LmlabError (one line from the CLI), not a traceback from deep inside torch:
+    a negative temperature, a top-p outside (0, 1] or a negative top-k is a typo,
+    and NaN is refused too (every comparison with it is false).
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise LmlabError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0 or temperature == float("inf"):
+        raise LmlabError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise LmlabError(f"top_k must be a whole number >= 0 (0 = off), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise LmlabError(f"top_p must lie in (0, 1] (1 = off), got {top_p!r}")
+
+
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Next token ids (B,) from logits (B, vocab).
 
@@ -31,12 +48,7 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     likely tokens, then top-p keeps the smallest set of the most likely tokens
     whose probabilities add up to at least top_p (always at least one).
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -74,6 +86,7 @@ def generate_ids(
 
     on_token(id) is called with each new id as it is sampled, for streaming.
     """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: decode shapes would recompile it
     device = next(model.parameters()).device
     ids = [int(i) for i in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
@@ -124,8 +137,10 @@ def generate(model, tokenizer, prompt, max_new_tokens=100, temperature=0.8, top_
 
     stream(piece) receives the text as it becomes printable; the pieces add up to
     the returned string. An empty prompt starts from the end-of-text token, i.e.
-    at the start of a new document.
+    at the start of a new document. Bad sampling values (a negative temperature
+    or top-k or max_new_tokens, a top-p outside (0, 1]) are an LmlabError.
     """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)  # before the prompt is even encoded
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     new_ids = []
     emitted_len = 0  # length of the text handed to stream so far

@@ -1,0 +1,71 @@
+"""What a new user hits first (issue 17): bad sampling values, schedules, run names, listings, paths.
+
+Each test runs the command as a user types it and checks what comes out: one
+`lmlab: error:` line and exit status 2 for a bad value, or the fixed behaviour.
+"""
+
+import pytest
+from evals_support import tiny_overrides
+
+from lmlab import load_config, train
+from lmlab.cli import main
+from lmlab.errors import LmlabError
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny_run(small_corpus, data_cache, tmp_path_factory):
+    """A finished 4-step run of the tiny model (its quality does not matter here)."""
+    runs = tmp_path_factory.mktemp("new-user-runs")
+    ov = tiny_overrides(small_corpus, data_cache, runs) + [
+        "train.max_steps=4", "train.eval_every=2", "optim.warmup_steps=1", "train.sample_tokens=2",
+        "train.run_name=tiny"]
+    return train(load_config(None, ov), log=quiet)
+
+
+def one_error_line(capsys, argv, *fragments):
+    """Run `lmlab ARGV`; assert exit 2, nothing on stdout, one `lmlab: error:` line holding every fragment."""
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert out == "", out  # nothing printed first (e.g. not the prompt)
+    err = err.strip()
+    assert "\n" not in err and err.startswith("lmlab: error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+# ---------------------------------------------------------------- 1. bad sampling values
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["--temperature", "nan"], "temperature must be a finite number >= 0"),
+    (["--top-p", "2"], "top_p must lie in (0, 1]"),
+    (["--top-p", "0"], "top_p must lie in (0, 1]"),
+    (["--top-k", "-5"], "top_k must be a whole number >= 0"),
+    (["--max-new-tokens", "-5"], "max_new_tokens must be a whole number >= 0"),
+])
+def test_generate_refuses_bad_sampling_values_before_printing_the_prompt(tiny_run, capsys, flags, says):
+    one_error_line(capsys, ["generate", str(tiny_run), "--prompt", "hi", *flags], says)
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_p": 2.0}, {"top_p": 0.0}, {"top_k": -5},
+                                    {"max_new_tokens": -5}, {"temperature": float("nan")}])
+def test_the_python_generate_refuses_bad_sampling_values(tiny_run, kwargs):
+    from lmlab import generate, load_run
+
+    run = load_run(tiny_run)
+    with pytest.raises(LmlabError):
+        generate(run.model, run.tokenizer, "hi", **kwargs)
+
+
+def test_good_sampling_values_still_generate(tiny_run, capsys):
+    assert main(["generate", str(tiny_run), "--prompt", "hi", "--max-new-tokens", "3", "--top-p", "1",
+                 "--top-k", "0", "--temperature", "0", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("hi")
