@@ -69,3 +69,28 @@ def test_good_sampling_values_still_generate(tiny_run, capsys):
     assert main(["generate", str(tiny_run), "--prompt", "hi", "--max-new-tokens", "3", "--top-p", "1",
                  "--top-k", "0", "--temperature", "0", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("hi")
+
+
+# ---------------------------------------------------------------- 2, 9. lmlab schedule
+
+
+@pytest.mark.parametrize("steps", ["-1", "0"])
+def test_schedule_refuses_a_step_count_below_one(tmp_path, capsys, steps):
+    one_error_line(capsys, ["schedule", "--steps", steps, "--out", str(tmp_path / "s.png")],
+                   f"--steps) must be a whole number >= 1, got {steps}")
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_schedule_with_steps_given_does_not_call_them_a_guess(tmp_path, capsys):
+    argv = ["schedule", "--config", "owt-leaderboard", "--out", str(tmp_path / "s.png")]
+    assert main([*argv, "--steps", "4000"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "4000 steps shown over 5400s (the steps you gave)" in first and "guess" not in first, first
+    assert main(argv) == 0  # without --steps it is a guess, and says so
+    assert "a guess of the steps that fit: set it with --steps" in capsys.readouterr().out
+
+
+def test_schedule_drawn_steps_that_end_inside_warmup_still_plot(tmp_path, capsys):
+    # owt-leaderboard warms up for 500 steps: 400 drawn steps never reach the peak (was: ValueError)
+    assert main(["schedule", "--config", "owt-leaderboard", "--steps", "400", "--out", str(tmp_path / "s.png")]) == 0
+    assert "last step    step     399" in capsys.readouterr().out

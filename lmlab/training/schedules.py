@@ -207,6 +207,8 @@ def simulate(config, n_steps=None):
     from lmlab.config import total_steps
 
     t = config.train
+    if n_steps is not None and (isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1):
+        raise LmlabError(f"the steps to draw (--steps) must be a whole number >= 1, got {n_steps!r}")
     steps = total_steps(config)
     tokens_per_step = t.batch_size * t.grad_accum * config.model.context_length
     schedule, progress = for_run(config, steps, tokens_per_step)
@@ -245,10 +247,12 @@ def plot_schedule(config, out, n_steps=None):
     ax.grid(alpha=0.3)
     warm = min(max(o.warmup_steps - 1, 0), len(points) - 1)
     lines = [f"schedule {o.schedule}, progress {measure}, {len(points)} steps shown"
-             + (f" over {t.max_time:g}s (a guess of the steps that fit: set it with --steps)" if by_time else ""),
+             + (f" over {t.max_time:g}s" + (" (the steps you gave)" if n_steps else
+                                              " (a guess of the steps that fit: set it with --steps)")
+                if by_time else ""),
              f"  warmup end   step {warm:>7}  lr {lrs[warm]:.6g}"]
-    if o.schedule == "wsd":
-        stable = max(i for i, lr in enumerate(lrs) if lr == o.lr)
+    stable = max((i for i, lr in enumerate(lrs) if lr == o.lr), default=None)  # None: drawn steps end in warmup
+    if o.schedule == "wsd" and stable is not None:
         lines.append(f"  stable end   step {stable:>7}  lr {lrs[stable]:.6g}")
         ax.axvline(xs[stable], color="gray", linestyle=":", label="end of stable phase")
     lines.append(f"  last step    step {len(points) - 1:>7}  lr {lrs[-1]:.6g}")
