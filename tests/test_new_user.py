@@ -10,6 +10,7 @@ from evals_support import tiny_overrides
 from lmlab import load_config, train
 from lmlab.cli import main
 from lmlab.errors import LmlabError
+from lmlab.rundir.metrics import read_metrics
 
 
 def quiet(*args, **kwargs):
@@ -94,3 +95,28 @@ def test_schedule_drawn_steps_that_end_inside_warmup_still_plot(tmp_path, capsys
     # owt-leaderboard warms up for 500 steps: 400 drawn steps never reach the peak (was: ValueError)
     assert main(["schedule", "--config", "owt-leaderboard", "--steps", "400", "--out", str(tmp_path / "s.png")]) == 0
     assert "last step    step     399" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- 4. a warm-up longer than the run
+
+
+def test_a_warmup_longer_than_the_run_is_capped_at_a_tenth_with_a_warning(small_corpus, data_cache, tmp_path):
+    lines = []
+    ov = tiny_overrides(small_corpus, data_cache, tmp_path / "runs") + [
+        "train.max_steps=20", "optim.warmup_steps=50", "train.eval_every=10", "train.log_every=1",
+        "train.sample_tokens=2", "optim.min_lr=3e-4"]
+    run_dir = train(load_config(None, ov), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    warnings = [line for line in lines if line.startswith("warning: optim.warmup_steps")]
+    assert len(warnings) == 1 and "warmup_steps=50" in warnings[0] and "run's 20 steps" in warnings[0]
+    assert "capped at 2 steps" in warnings[0], warnings[0]
+    assert load_config(run_dir / "config.toml").optim.warmup_steps == 2  # config.toml holds the value used
+    lrs = [e["lr"] for e in read_metrics(run_dir / "metrics.jsonl") if "lr" in e]
+    assert max(lrs) == pytest.approx(3e-3) and lrs[-1] == pytest.approx(3e-4)  # peaked, then decayed to min_lr
+
+
+def test_the_schedule_command_shows_the_same_cap(tmp_path, capsys):
+    assert main(["schedule", "train.max_steps=30", "--out", str(tmp_path / "s.png")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("warning: optim.warmup_steps=50 is not shorter than the run's 30 steps"), out
+    assert "capped at 3 steps" in out and "warmup end   step       2  lr 0.003" in out
+    assert "last step    step      29  lr 0.0003" in out

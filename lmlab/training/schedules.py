@@ -182,6 +182,30 @@ def build_schedule(optim_cfg, progress):
     return cls(optim_cfg, peak_progress)
 
 
+def fit_warmup(config, total_steps):
+    """Cap a warm-up that would outlast the run at a tenth of its steps; returns the warning, or None.
+
+    optim.warmup_steps >= the run's steps (e.g. the quick start's 50 with
+    train.max_steps=30) ends the run still warming up: the peak learning rate is
+    never reached and nothing decays. Such a run is almost always a short try of
+    a longer preset, so the warm-up is cut to a tenth of the run (at least one
+    step), written back to the config (config.toml holds the value used), and a
+    warning names both numbers. A time-bounded run (total_steps None) is left
+    alone: its steps are not known in advance.
+    """
+    o = config.optim
+    if not total_steps or o.warmup_steps < total_steps:
+        return None
+    capped = max(1, total_steps // 10)
+    if capped == o.warmup_steps:
+        return None
+    warning = (f"warning: optim.warmup_steps={o.warmup_steps} is not shorter than the run's {total_steps} steps "
+               f"(it would end still warming up, with no decay); warm-up capped at {capped} steps, a tenth of the "
+               "run (set optim.warmup_steps below the run's steps to choose)")
+    o.warmup_steps = capped
+    return warning
+
+
 def for_run(config, total_steps, tokens_per_step):
     """(schedule, progress) of a run: each step takes `schedule.lr(step, progress(step, elapsed))`."""
     progress = Progress(config.optim.progress, total_steps, config.train.max_time, tokens_per_step)
@@ -210,6 +234,7 @@ def simulate(config, n_steps=None):
     if n_steps is not None and (isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1):
         raise LmlabError(f"the steps to draw (--steps) must be a whole number >= 1, got {n_steps!r}")
     steps = total_steps(config)
+    fit_warmup(config, steps)  # as the run would: lmlab schedule shows what lmlab train does
     tokens_per_step = t.batch_size * t.grad_accum * config.model.context_length
     schedule, progress = for_run(config, steps, tokens_per_step)
     n = n_steps or steps or 1000
@@ -233,9 +258,11 @@ def plot_schedule(config, out, n_steps=None):
     import matplotlib.pyplot as plt
 
     from lmlab import atomic
+    from lmlab.config import total_steps
     from lmlab.data.curriculum import parse_context_schedule
 
     o, t = config.optim, config.train
+    warning = fit_warmup(config, total_steps(config))  # simulate would cap it too, silently
     points, measure = simulate(config, n_steps)
     by_time = measure == "time"
     xs = [e / 60 for _, e, _, _ in points] if by_time else [s for s, _, _, _ in points]
@@ -251,6 +278,8 @@ def plot_schedule(config, out, n_steps=None):
                                               " (a guess of the steps that fit: set it with --steps)")
                 if by_time else ""),
              f"  warmup end   step {warm:>7}  lr {lrs[warm]:.6g}"]
+    if warning:
+        lines.insert(0, warning)
     stable = max((i for i, lr in enumerate(lrs) if lr == o.lr), default=None)  # None: drawn steps end in warmup
     if o.schedule == "wsd" and stable is not None:
         lines.append(f"  stable end   step {stable:>7}  lr {lrs[stable]:.6g}")

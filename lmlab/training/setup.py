@@ -183,6 +183,10 @@ def _model_and_data(run, resumed):
     run.tokens_per_step = t.batch_size * t.grad_accum * config.model.context_length
     train_batches, all_val = _batches(run)
     run.curriculum = Curriculum(config, run.shards_dir, train_batches)  # train_batches itself unless context_schedule
+    if not resumed:  # a resumed run keeps the warm-up it started with
+        warning = schedules.fit_warmup(config, run.steps)  # before config.toml is written: it holds the value used
+        if warning:
+            run.log(warning)
     run.schedule, run.run_progress = schedules.for_run(config, run.steps, run.tokens_per_step)
     run.stops = StopRules(t, run.tokens_per_step)
     run.baseline = unigram_loss(train_batches, all_val)
