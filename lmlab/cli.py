@@ -303,7 +303,8 @@ def compare_flags(p):
     p.add_argument("--logx", action="store_true", help="log-scale x axis")
     p.add_argument("--logy", action="store_true", help="log-scale y axis")
     p.add_argument("--smooth", type=int, default=None, metavar="N",
-                   help="moving average over N points (default: about 1/25 of the curve for train loss, none else)")
+                   help="moving average over N points, said in the legend (default: about 1/25 of the curve "
+                        "for train loss, none else); validation curves (val_*) are never smoothed")
 
 
 def run_compare(args):

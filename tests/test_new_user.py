@@ -120,3 +120,41 @@ def test_the_schedule_command_shows_the_same_cap(tmp_path, capsys):
     assert out.startswith("warning: optim.warmup_steps=50 is not shorter than the run's 30 steps"), out
     assert "capped at 3 steps" in out and "warmup end   step       2  lr 0.003" in out
     assert "last step    step      29  lr 0.0003" in out
+
+
+# ---------------------------------------------------------------- 5. lmlab compare --smooth
+
+
+def _run_with_curves(directory, n=40):
+    """A run directory whose train and validation losses fall from 5 to 2.4 (the last value is the real one)."""
+    import json
+
+    directory.mkdir(parents=True)
+    (directory / "config.toml").write_text('name = "x"\n[train]\nrun_name = "r"\n')
+    events = [{"step": i, "tokens": 100 * i, "elapsed_s": float(i), "wall_s": float(i), "loss": 5 - 2.6 * i / (n - 1),
+               "val_loss": 5 - 2.6 * i / (n - 1)} for i in range(n)]
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (directory / "summary.json").write_text(json.dumps({"status": "completed", "steps": n}))
+    return directory
+
+
+def test_compare_smooth_leaves_validation_curves_as_measured(tmp_path):
+    from lmlab.lab.table import read_runs
+    from lmlab.rundir.plots import compare_figure
+
+    records = read_runs([_run_with_curves(tmp_path / "r")])
+    ax = compare_figure(records, metric="val_loss", smooth=5).axes[0]
+    drawn = [line for line in ax.lines if len(line.get_ydata()) == 40]
+    assert len(drawn) == 1 and drawn[0].get_ydata()[-1] == pytest.approx(2.4)  # the real final value
+    assert not any("smoothed" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_compare_smooth_on_train_loss_says_so_in_the_legend(tmp_path):
+    from lmlab.lab.table import read_runs
+    from lmlab.rundir.plots import compare_figure
+
+    records = read_runs([_run_with_curves(tmp_path / "r")])
+    ax = compare_figure(records, metric="loss", smooth=5).axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "smoothed: moving average of 5 points (faint: raw)" in legend
+    assert min(line.get_ydata()[-1] for line in ax.lines if len(line.get_ydata())) == pytest.approx(2.4)  # raw

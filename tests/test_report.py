@@ -71,6 +71,7 @@ def test_compare_figure_draws_every_run_smooths_train_loss_and_uses_log_scales(a
     assert labels == ["baseline (norm=rmsnorm, norm_position=pre)", "nonorm (norm=none, norm_position=pre)",
                       "postnorm (norm=rmsnorm, norm_position=post)"]
     assert len(ax.lines) == 6  # each run: the raw curve, faint, and its moving average
+    assert "smoothed: moving average of 5 points (faint: raw)" in {t.get_text() for t in ax.get_legend().get_texts()}
 
 
 def _fake_run(directory, name, status, losses, lr=1e-3):

@@ -5,8 +5,11 @@ Design choices:
   evaluation and saving excluded, so runs with different eval schedules
   compare) or `wall` (wall_s: everything included, what the GPU hours cost).
 - Train loss is noisy: it is drawn faint as measured with a trailing moving
-  average on top (`smooth` points; by default about 1/25 of the curve).
-  Validation curves are drawn as measured.
+  average on top (`smooth` points; by default about 1/25 of the curve), and
+  the legend says so ("smoothed: moving average of N points"). Validation
+  curves (val_*) are always drawn as measured, whatever `smooth` says: a
+  trailing average of a falling validation curve lags it, so its end would
+  sit well above the run's real final validation loss.
 - A run that diverged gets an X where its curve ends, one that hit its
   target a star: the reasons curves stop are visible without the table.
   Loss axes stop a little above the highest starting loss, so a run that
@@ -110,12 +113,11 @@ def compare_figure(records, x="step", metric="val_loss", logx=False, logy=False,
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     colors = plt.get_cmap("tab10" if len(records) <= 10 else "tab20").colors
-    ends = set()
+    ends, windows = set(), set()
     firsts = [v for _, points in curves for v in [next((v for _, v in points if finite(v)), None)] if v is not None]
     cap = 1.05 * max(firsts) if metric in LOSSES and firsts and not logy and max(firsts) > 0 else math.inf
     for i, (record, points) in enumerate(curves):
-        ends |= _draw_run(ax, record, points, colors[i % len(colors)], scale, cap,
-                          smooth if smooth is not None else (None if metric == "loss" else 1), metric)
+        ends |= _draw_run(ax, record, points, colors[i % len(colors)], scale, cap, smooth, metric, windows)
 
     ax.set_xlabel(f"{clock_name} ({unit})" if unit else clock_name)
     ax.set_ylabel(LABELS.get(metric, metric))
@@ -130,7 +132,7 @@ def compare_figure(records, x="step", metric="val_loss", logx=False, logy=False,
         ax.set_ylim(low - 0.05 * (cap - low), cap)
     ax.set_title(title or f"{TITLES.get(metric, metric)} against {clock_name}")
     ax.grid(alpha=0.3, which="both" if logy or logx else "major")
-    _legend(ax, ends, len(records))
+    _legend(ax, ends, len(records), windows)
     fig.tight_layout()
     return fig
 
@@ -149,16 +151,32 @@ def _curves(records, x, metric):
     return clock_name, curves
 
 
-def _draw_run(ax, record, points, color, scale, cap, smooth, metric):
-    """One run's curve (faint raw + moving average when smoothed) and its end marker; the markers used."""
+def smoothing_window(smooth, metric, n_points):
+    """Points in the moving average of a curve of `n_points`: 1 (none) for validation metrics, always.
+
+    smooth None: about 1/25 of the curve for the train loss, none for other metrics.
+    """
+    if metric.startswith("val"):
+        return 1
+    if smooth is None:
+        return max(1, round(n_points / 25)) if metric == "loss" else 1
+    return max(1, smooth)
+
+
+def _draw_run(ax, record, points, color, scale, cap, smooth, metric, windows):
+    """One run's curve (faint raw + moving average when smoothed) and its end marker; the markers used.
+
+    The window used, when more than one point, is added to `windows` (for the legend).
+    """
     kept = [(px / scale, v) for px, v in points if finite(v) and finite(px)]
     if not kept:
         if points:  # measured, but never finite: say so rather than leave the run out silently
             ax.plot([], [], "X", color=color, label=f"{_label(record)}: no finite value")
         return set()
     xs, ys = map(np.asarray, zip(*kept))
-    window = smooth if smooth is not None else max(1, round(len(ys) / 25))
+    window = smoothing_window(smooth, metric, len(ys))
     if window > 1:
+        windows.add(window)
         ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(xs, moving_average(ys, window), color=color, label=_label(record), linewidth=1.6)
     else:
@@ -174,9 +192,13 @@ def _draw_run(ax, record, points, color, scale, cap, smooth, metric):
     return set()
 
 
-def _legend(ax, ends, runs):
-    """The runs' legend, plus one entry per kind of end marker drawn."""
+def _legend(ax, ends, runs, windows=()):
+    """The runs' legend, plus one entry per kind of end marker drawn, and one saying how curves were smoothed."""
     handles, labels = ax.get_legend_handles_labels()
+    if windows:
+        low, high = min(windows), max(windows)
+        handles.append(Line2D([], [], color="gray", linewidth=1.6))
+        labels.append(f"smoothed: moving average of {low if low == high else f'{low}-{high}'} points (faint: raw)")
     for name, marker, size in ((DIVERGED, "X", 9), (TARGET_REACHED, "*", 12)):
         if name in ends:
             handles.append(Line2D([], [], marker=marker, linestyle="", color="gray", markeredgecolor="black",
