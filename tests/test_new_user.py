@@ -158,3 +158,17 @@ def test_compare_smooth_on_train_loss_says_so_in_the_legend(tmp_path):
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "smoothed: moving average of 5 points (faint: raw)" in legend
     assert min(line.get_ydata()[-1] for line in ax.lines if len(line.get_ydata())) == pytest.approx(2.4)  # raw
+
+
+# ---------------------------------------------------------------- 6. an imported run in lmlab runs
+
+
+def test_an_imported_run_is_listed_as_imported_with_blank_training_columns(tiny_run, tmp_path, capsys):
+    assert main(["export", str(tiny_run), str(tmp_path / "hf")]) == 0
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "runs" / "imp")]) == 0
+    capsys.readouterr()
+    assert main(["runs", str(tmp_path / "runs"), "--format", "tsv"]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    cells = dict(zip(header.split("\t"), row.split("\t")))
+    assert cells["run"] == "imp" and cells["status"] == "imported", cells
+    assert all(cells[c] == "-" for c in ("steps", "tokens", "time", "best val", "final val", "tok/s")), cells

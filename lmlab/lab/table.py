@@ -12,7 +12,9 @@ Design choices:
   that always differs (run name, runs_dir, preset name) and switches that only
   change what is observed (IGNORED_KEYS).
 - A run without summary.json has not finished: "running" when metrics.jsonl
-  changed in the last RUNNING_SECONDS, else "unfinished" (crashed or killed).
+  changed in the last RUNNING_SECONDS, else "unfinished" (crashed or killed);
+  one with weights and no metrics.jsonl at all was made by `lmlab import`:
+  "imported", its training columns blank (it was never trained here).
 - Numbers come from summary.json when the run finished, else from the events.
 """
 
@@ -22,7 +24,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmlab.rundir.status import RUNNING, UNFINISHED
+from lmlab.rundir.status import IMPORTED, RUNNING, UNFINISHED
 from lmlab import atomic
 from lmlab.errors import LmlabError
 from lmlab.rundir.metrics import scan_metrics
@@ -61,6 +63,8 @@ class RunRecord:
         if self.summary and self.summary.get("status"):
             return self.summary["status"]
         metrics = self.path / "metrics.jsonl"
+        if not metrics.exists() and (self.path / "model.safetensors").is_file():
+            return IMPORTED  # weights that were never trained here (lmlab import)
         if metrics.is_file() and time.time() - metrics.stat().st_mtime < RUNNING_SECONDS:
             return RUNNING
         return UNFINISHED

@@ -2,7 +2,8 @@
 
 A run directory without summary.json has no status of its own; `lmlab runs`
 shows it as RUNNING (metrics.jsonl changed in the last minutes) or UNFINISHED
-(crashed or killed).
+(crashed or killed), or IMPORTED when it holds weights but was never trained
+here (`lmlab import`: no metrics.jsonl at all).
 """
 
 COMPLETED = "completed"  # the step, token or time budget ran out as planned
@@ -13,6 +14,7 @@ INTERRUPTED = "interrupted"  # SIGINT / SIGTERM: a checkpoint was written, --res
 FAILED = "failed"  # an error ended the run
 
 RUNNING, UNFINISHED = "running", "unfinished"  # no summary.json yet: alive, or crashed or killed
+IMPORTED = "imported"  # made by lmlab import: weights, no training of its own (no metrics.jsonl)
 
 STATUSES = (COMPLETED, TARGET_REACHED, TIME_BUDGET, DIVERGED, INTERRUPTED, FAILED)
 FINAL = (COMPLETED, DIVERGED, TARGET_REACHED, TIME_BUDGET)  # a sweep does not re-run these trials
