@@ -20,6 +20,7 @@ Design choices:
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 
 
@@ -154,8 +155,16 @@ def _byte_level(bpe):
     return hf
 
 
-def train_tokenizer(files, vocab_size, special_tokens=(EOT,), text_key="text"):
-    """Train a byte-level BPE tokenizer on the documents of `files` (text / .jsonl / .parquet, .gz/.xz ok)."""
+def _on_terminal():
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def train_tokenizer(files, vocab_size, special_tokens=(EOT,), text_key="text", show_progress=None):
+    """Train a byte-level BPE tokenizer on the documents of `files` (text / .jsonl / .parquet, .gz/.xz ok).
+
+    show_progress=None draws the trainer's progress bars only when stdout and stderr are both
+    a terminal: piped or redirected, the Rust bars leave nothing but blank lines in the output.
+    """
 
     files = [files] if isinstance(files, (str, Path)) else list(files)
     special_tokens = list(special_tokens or (EOT,))
@@ -180,7 +189,8 @@ def train_tokenizer(files, vocab_size, special_tokens=(EOT,), text_key="text"):
                 yield from (part for part in specials.split(text) if part)  # specials are never learned
 
     hf = _byte_level(models.BPE())
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=True,
+    show_progress = _on_terminal() if show_progress is None else show_progress
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     hf.train_from_iterator(texts(), trainer=trainer)
     if count == 0:
