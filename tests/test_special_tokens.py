@@ -142,3 +142,20 @@ def test_config_key_adds_specials_to_a_given_tokenizer(stories, tmp_path):
     tok, shards = ensure_data(data, log=lambda *_: None)
     assert tok.encode(DOUBLE) == [50257]
     assert Tokenizer.load(shards).encode(DOUBLE) == [50257]
+
+
+def test_trained_run_exports_its_specials_to_hugging_face(small_corpus, data_cache, tmp_path):
+    """lmlab train with data.special_tokens, then lmlab export: transformers reads each special as one id."""
+    transformers = pytest.importorskip("transformers")
+    from evals_support import train_tiny
+
+    run_dir = train_tiny(small_corpus, data_cache, tmp_path / "runs",
+                         ["train.max_steps=2", "data.special_tokens=" + ",".join([*CHAT, DOUBLE])])
+    main(["export", str(run_dir), str(tmp_path / "hf")])
+    ours = Tokenizer.load(run_dir)
+    assert ours.special_tokens == [EOT, *CHAT, DOUBLE]
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for t in (EOT, DOUBLE, *CHAT):
+        assert hf.encode(t, add_special_tokens=False) == ours.encode(t) == [ours.hf.token_to_id(t)]
+    text = f"{CHAT[0]}Lily{CHAT[1]}{EOT * 3}"
+    assert hf(text, add_special_tokens=False)["input_ids"] == Tokenizer.load(tmp_path / "hf").encode(text)
