@@ -150,16 +150,18 @@ def tokenizer_train_flags(p):
     p.add_argument("files", nargs="+", metavar="FILE", help="text or .jsonl files (.gz / .xz accepted)")
     p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write tokenizer.json to")
-    p.add_argument("--special-token", action="append", default=None, metavar="TOKEN",
-                   help="special token (repeatable; default <|endoftext|>)")
+    p.add_argument("--special-tokens", default="", metavar="A,B",
+                   help="extra special tokens, comma-separated (one id each; <|endoftext|> is always one)")
+    p.add_argument("--special-token", action="append", default=[], metavar="TOKEN",
+                   help="one extra special token (repeatable; for a token with a comma in it)")
     p.add_argument("--text-key", default="text", help="JSON field holding the text in .jsonl files")
 
 
 def run_tokenizer_train(args):
-    from lmlab.data.tokenizer import train_tokenizer
+    from lmlab.data.tokenizer import EOT, split_tokens, train_tokenizer
 
-    tokenizer = train_tokenizer(args.files, args.vocab_size, special_tokens=args.special_token,
-                                text_key=args.text_key)
+    specials = [EOT, *split_tokens(args.special_tokens), *args.special_token]
+    tokenizer = train_tokenizer(args.files, args.vocab_size, special_tokens=specials, text_key=args.text_key)
     tokenizer.save(args.out)
     print(f"tokenizer with {tokenizer.vocab_size} tokens ({tokenizer.fingerprint}) -> {args.out}")
 

@@ -93,6 +93,7 @@ class DataConfig:
     val_fraction: float = 0.05  # share of documents held out when there are no val_files
     tokenizer: str = ""  # directory (or tokenizer.json) of an existing tokenizer; "" = train one and cache it
     tokenizer_vocab_size: int = 4096  # vocab size when lmlab trains the tokenizer
+    special_tokens: list[str] = field(default_factory=list)  # extra special tokens (one id each, longest match wins), e.g. ["<|im_start|>", "<|im_end|>"]; <|endoftext|> is always one
     shards: str = ""  # directory of prepared shards; "" = prepare them and cache them
     cache_dir: str = ""  # where built tokenizers and shards are cached; "" = $LMLAB_CACHE or ~/.cache/lmlab
     packing: Literal["concat", "document"] = "concat"  # concat: random windows over joined documents; document: one document per row, padded

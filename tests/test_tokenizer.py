@@ -2,7 +2,10 @@
 
 import json
 import lzma
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,3 +210,13 @@ def test_train_errors(tmp_path, corpus):
     (tmp_path / "bad.txt").write_bytes(b"fine\nnot \xff fine\n")
     with pytest.raises(LmlabError, match=r"bad.txt is not valid UTF-8 at line 2 \(byte 9\)"):
         train_tokenizer([tmp_path / "bad.txt"], 300)
+
+
+def test_training_prints_no_progress_when_output_is_not_a_terminal(corpus, tmp_path):
+    """Progress bars are for a terminal: piped or redirected, `tokenizer train` prints its one line only."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-m", "lmlab", "tokenizer", "train", str(corpus), "--vocab-size", "300",
+                           "--out", str(tmp_path / "tok")], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.splitlines() == [done.stdout.strip()]
+    assert done.stdout.startswith("tokenizer with 300 tokens")
+    assert done.stderr == ""

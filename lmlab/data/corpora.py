@@ -5,8 +5,8 @@ Design choices:
   {train,valid}.txt.xz; origin and licenses in lmlab/data/corpora/SOURCES.md), so
   `lmlab train` works offline on a fresh install.
 - Built tokenizers and shards are cached under cache_dir, keyed by a hash of
-  everything that determines them (files' paths, sizes and mtimes; vocab size;
-  tokenizer fingerprint; split settings). A second run with the same settings
+  everything that determines them (files' paths, sizes and mtimes; vocab size
+  and special tokens; tokenizer fingerprint; split settings). A second run with the same settings
   reuses them without retraining.
 - Each cache entry is built under a temporary name and renamed into place, so
   a crash or two processes racing never leave a broken entry.
@@ -22,7 +22,7 @@ from pathlib import Path
 from lmlab.data.documents import check_file
 from lmlab.data.shards import check_tokenizer, load_meta, prepare
 from lmlab.errors import LmlabError
-from lmlab.data.tokenizer import EOT, Tokenizer, train_tokenizer
+from lmlab.data.tokenizer import EOT, Tokenizer, check_special_tokens, train_tokenizer
 
 CORPORA_DIR = Path(__file__).parent / "corpora"
 CACHE_VERSION = 1  # bump when the tokenizer recipe or shard format changes, to invalidate old entries
@@ -71,7 +71,7 @@ def _resolve_files(data):
 
 def _cached_tokenizer(data, train_files, log):
     """The cached tokenizer for these files and settings, trained (and cached) on first use."""
-    specials = [EOT]
+    specials = check_special_tokens([EOT, *data.special_tokens])  # part of the key: other specials, other entry
     entry = cache_dir(data) / "tokenizers" / _key(train_files, data.tokenizer_vocab_size, specials, data.text_key)
     if (entry / "tokenizer.json").is_file():
         log(f"tokenizer: cached {entry}")
@@ -97,12 +97,12 @@ def ensure_data(data, log=print):
     """(Tokenizer, shards_dir) for a DataConfig, building and caching whatever is missing."""
     if data.shards:
         meta = load_meta(data.shards)
-        tokenizer = Tokenizer.load(data.tokenizer or data.shards)
+        tokenizer = Tokenizer.load(data.tokenizer or data.shards, special_tokens=data.special_tokens)
         check_tokenizer(meta, tokenizer)
         return tokenizer, Path(data.shards).expanduser()
     train_files, val_files = _resolve_files(data)
     if data.tokenizer:
-        tokenizer = Tokenizer.load(data.tokenizer)
+        tokenizer = Tokenizer.load(data.tokenizer, special_tokens=data.special_tokens)
     else:
         tokenizer = _cached_tokenizer(data, train_files, log)
     split = val_files if val_files else data.val_fraction

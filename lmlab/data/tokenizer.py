@@ -5,6 +5,9 @@ Design choices:
   no normalizer, so every string round-trips exactly: decode(encode(s)) == s.
 - Special tokens (default just <|endoftext|>) are added tokens: never split,
   never merged with their neighbours; text containing one encodes to its id.
+  Any tokenizer takes extra ones (`special_tokens=` on load and train). Where
+  they overlap the longest wins (HF's added-token matcher is leftmost-longest):
+  with <|endoftext|><|endoftext|> registered, that text is one id, not two.
 - The tokenizer is saved as a standard `tokenizer.json` (+ a small HF-style
   `tokenizer_config.json`), so `transformers` can load it as it is.
 - `fingerprint` hashes the canonical JSON (not the file path), so shards can
@@ -20,6 +23,7 @@ Design choices:
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 
 
@@ -31,6 +35,20 @@ from lmlab.data.documents import EOT, check_file, iter_documents
 from lmlab.errors import LmlabError
 
 PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]")  # special tokens taken as the pad token when present
+
+
+def check_special_tokens(tokens):
+    """A list of special tokens, duplicates dropped; one string is one token (not its characters)."""
+    tokens = [tokens] if isinstance(tokens, str) else list(tokens or ())
+    for token in tokens:
+        if not isinstance(token, str) or not token:
+            raise LmlabError(f"special tokens must be non-empty strings, got {token!r}")
+    return list(dict.fromkeys(tokens))
+
+
+def split_tokens(text):
+    """"<|im_start|>,<|im_end|>" -> the two tokens (a comma-separated flag value; empty parts dropped)."""
+    return [t for t in text.split(",") if t]
 
 
 def _token_text(value):
@@ -74,6 +92,20 @@ class Tokenizer:
         canonical = json.dumps(spec, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
 
+    def add_special_tokens(self, tokens):
+        """Register extra special tokens (new ids at the end of the vocabulary); known ones are kept as they are.
+
+        A pad-named token (PAD_NAMES) becomes the pad token when there was none, as it would
+        have if the tokenizer had been trained with it.
+        """
+        new = [t for t in check_special_tokens(tokens) if t not in self.special_tokens]
+        if new:
+            self.hf.add_special_tokens(new)
+        if self.pad == self.eot:
+            self.pad = next((t for t in new if t in PAD_NAMES), self.pad)
+            self.pad_id = self.hf.token_to_id(self.pad)
+        return self
+
     def encode(self, text):
         return self.hf.encode(text, add_special_tokens=False).ids
 
@@ -96,11 +128,20 @@ class Tokenizer:
             "bos_token": self.eot, "eos_token": self.eot, "pad_token": self.pad,
             "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         }
+        extra = [t for t in self.special_tokens if t not in (self.eot, self.pad)]
+        if extra:  # transformers lists them in all_special_tokens (tokenizer.json already keeps them whole)
+            config["additional_special_tokens"] = extra
         atomic.write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
-    def load(cls, path):
-        """Load from a directory with tokenizer.json, a tokenizer.json file, or a GPT-2 vocab.json + merges.txt directory."""
+    def load(cls, path, special_tokens=()):
+        """Load from a directory with tokenizer.json, a tokenizer.json file, or a GPT-2 vocab.json + merges.txt
+        directory, registering `special_tokens` on top of those it has."""
+        special_tokens = check_special_tokens(special_tokens)
+        return cls._load(path).add_special_tokens(special_tokens)
+
+    @classmethod
+    def _load(cls, path):
         path = Path(path).expanduser()
         if not path.exists():
             raise LmlabError(f"tokenizer {path} does not exist; give a directory with tokenizer.json or train one with lmlab tokenizer train")
@@ -154,11 +195,19 @@ def _byte_level(bpe):
     return hf
 
 
-def train_tokenizer(files, vocab_size, special_tokens=(EOT,), text_key="text"):
-    """Train a byte-level BPE tokenizer on the documents of `files` (text / .jsonl / .parquet, .gz/.xz ok)."""
+def _on_terminal():
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def train_tokenizer(files, vocab_size, special_tokens=(EOT,), text_key="text", show_progress=None):
+    """Train a byte-level BPE tokenizer on the documents of `files` (text / .jsonl / .parquet, .gz/.xz ok).
+
+    show_progress=None draws the trainer's progress bars only when stdout and stderr are both
+    a terminal: piped or redirected, the Rust bars leave nothing but blank lines in the output.
+    """
 
     files = [files] if isinstance(files, (str, Path)) else list(files)
-    special_tokens = list(special_tokens or (EOT,))
+    special_tokens = check_special_tokens(special_tokens)
     if EOT not in special_tokens:
         special_tokens.insert(0, EOT)
     if not files:
@@ -169,7 +218,8 @@ def train_tokenizer(files, vocab_size, special_tokens=(EOT,), text_key="text"):
     if vocab_size < smallest:
         raise LmlabError(f"tokenizer vocab size {vocab_size} is too small: the 256 bytes and "
                          f"{len(special_tokens)} special tokens alone need {smallest}")
-    specials = re.compile("|".join(re.escape(t) for t in special_tokens))
+    longest_first = sorted(special_tokens, key=len, reverse=True)  # as the encoder matches them
+    specials = re.compile("|".join(re.escape(t) for t in longest_first))
     count = 0
 
     def texts():
@@ -180,7 +230,8 @@ def train_tokenizer(files, vocab_size, special_tokens=(EOT,), text_key="text"):
                 yield from (part for part in specials.split(text) if part)  # specials are never learned
 
     hf = _byte_level(models.BPE())
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=True,
+    show_progress = _on_terminal() if show_progress is None else show_progress
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     hf.train_from_iterator(texts(), trainer=trainer)
     if count == 0:
