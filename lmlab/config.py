@@ -34,9 +34,7 @@ _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def parse_duration(value, key="duration"):
     """Seconds from a number or a string like '90', '90s', '90m', '1.5h', '1h30m'."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and re.fullmatch(r"\s*(\d+(\.\d*)?|\.\d+)\s*", value):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) or isinstance(value, str) and re.fullmatch(r"\s*(\d+(\.\d*)?|\.\d+)\s*", value):
         seconds = float(value)
     elif isinstance(value, str) and re.fullmatch(r"((\d+(\.\d*)?|\.\d+)[smhd])+", value.strip().lower()):
         parts = re.findall(r"(\d+(?:\.\d*)?|\.\d+)([smhd])", value.strip().lower())
@@ -120,7 +118,14 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
     fused: Literal["auto", "true", "false"] = "auto"  # fused AdamW kernel: auto (when the device supports it), true, false
-    name: Literal["adamw", "adamw8bit"] = "adamw"  # adamw (torch), adamw8bit (bitsandbytes' 8-bit AdamW; pip install bitsandbytes)
+    name: Literal["adamw", "adamw8bit", "muon"] = "adamw"  # adamw (torch), adamw8bit (bitsandbytes' 8-bit AdamW; pip install bitsandbytes), muon (Muon for the blocks' matrices, AdamW for the rest; docs/speed.md)
+    embed_lr: float = 0.0  # muon: AdamW lr of the embeddings; 0 = optim.lr (scheduled with it)
+    head_lr: float = 0.0  # muon: AdamW lr of the LM head (untied); 0 = optim.lr
+    scalar_lr: float = 0.0  # muon: AdamW lr of norms' gains, biases and other vectors; 0 = optim.lr
+    muon_momentum: float = 0.95  # muon: momentum of the orthogonalised update
+    muon_nesterov: bool = True  # muon: Nesterov momentum
+    muon_ns_steps: int = 5  # muon: Newton-Schulz iterations (quintic, Jordan's coefficients)
+    muon_momentum_warmup_steps: int = 0  # muon: momentum rises from 0.85 to muon_momentum over these steps; 0 = off
 
 
 @dataclass
@@ -442,6 +447,7 @@ def _check_budget_and_data(config):
         raise LmlabError(f"optim.min_lr={o.min_lr} must lie between 0 and optim.lr={o.lr}")
     if o.warmup_steps < 0:
         raise LmlabError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _check_muon(o)
     if not d.corpus and not d.train_files and not d.shards:
         raise LmlabError("no training data: set data.corpus, data.train_files or data.shards")
     if not 0 < d.val_fraction < 1:
@@ -455,6 +461,20 @@ def _check_budget_and_data(config):
     if t.evals_every < 0 or (t.evals_every and t.eval_every and t.evals_every % t.eval_every):
         raise LmlabError(f"train.evals_every={t.evals_every} must be 0 or a multiple of train.eval_every={t.eval_every} "
                          "(the evals run at validation time)")
+
+
+def _check_muon(o):
+    """optim.name=muon's keys (lmlab/training/muon.py); the group learning rates also steer nothing else."""
+    for key in ("embed_lr", "head_lr", "scalar_lr"):
+        value = getattr(o, key)
+        if not math.isfinite(value) or value < 0:
+            raise LmlabError(f"config key 'optim.{key}' must be >= 0 (0 = optim.lr), got {value}")
+        if value and o.name != "muon":
+            raise LmlabError(f"optim.{key} applies to optim.name=muon only (got optim.name={o.name})")
+    if not 0 <= o.muon_momentum < 1:
+        raise LmlabError(f"optim.muon_momentum must lie in [0, 1), got {o.muon_momentum}")
+    if o.muon_ns_steps < 1 or o.muon_momentum_warmup_steps < 0:
+        raise LmlabError("optim.muon_ns_steps must be >= 1 and optim.muon_momentum_warmup_steps >= 0")
 
 
 def validate_schedule(config):

@@ -8,6 +8,11 @@ Design choices:
   only when asked for; its absence is an LmlabError, not an ImportError.
 - Weight decay only on matrices (dim >= 2: linear and embedding weights), never
   on norms' gains or biases: decaying a gain toward 0 fights the normalisation.
+- `optim.name=muon` (lmlab/training/muon.py): Muon for the blocks' matrices at
+  optim.lr, AdamW for embeddings (optim.embed_lr), the head (optim.head_lr) and
+  norms / biases (optim.scalar_lr); a group's lr of 0 means optim.lr. Each group
+  keeps `lr_scale` = its lr / optim.lr, and `set_lr` multiplies the schedule's
+  lr by it, so every group warms up and decays together.
 - `lr_at` (re-exported from lmlab.training.schedules) gives a step-based schedule's
   learning rate without building a run: linear warmup reaches `lr` exactly at
   the last warmup step, and cosine decay reaches `min_lr` exactly at the last step.
@@ -33,6 +38,8 @@ def param_groups(model, weight_decay):
 def build_optimizer(model, optim_cfg, device):
     if optim_cfg.name == "adamw8bit":
         return adamw_8bit(model, optim_cfg)
+    if optim_cfg.name == "muon":
+        return muon(model, optim_cfg)
     fused = {"auto": device.type in ("cuda", "cpu"), "true": True, "false": False}[optim_cfg.fused]
     try:
         return torch.optim.AdamW(
@@ -64,6 +71,46 @@ def adamw_8bit(model, optim_cfg):
     )
 
 
+def muon_groups(model, optim_cfg):
+    """Muon for 2-D weights inside the blocks; AdamW groups for embeddings, the head, and norms/biases/scalars."""
+    found = {"muon": [], "embed": [], "head": [], "scalar": []}
+    seen = set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))  # a tied head is the embedding: it trains once, at embed_lr
+        if "embed_" in name:
+            found["embed"].append(param)
+        elif "lm_head" in name:
+            found["head"].append(param)
+        elif param.dim() >= 2 and "layers." in name:
+            found["muon"].append(param)
+        else:
+            found["scalar"].append(param)
+    o = optim_cfg
+    lrs = {"muon": o.lr, "embed": o.embed_lr or o.lr, "head": o.head_lr or o.lr, "scalar": o.scalar_lr or o.lr}
+    decay = {"muon": o.weight_decay, "embed": o.weight_decay, "head": o.weight_decay, "scalar": 0.0}
+    return [{"params": params, "name": key, "kind": "muon" if key == "muon" else "adamw", "lr": lrs[key],
+             "lr_scale": lrs[key] / o.lr, "weight_decay": decay[key]}
+            for key, params in found.items() if params]
+
+
+def muon(model, optim_cfg):
+    """lmlab.training.muon.Muon over muon_groups; refuses settings it cannot serve."""
+    from lmlab.training.muon import Muon
+
+    if optim_cfg.fused == "true":
+        raise LmlabError("optim.fused=true applies to optim.name=adamw; optim.name=muon runs its own update "
+                         "(leave optim.fused=auto)")
+    groups = muon_groups(model, optim_cfg)
+    if not any(g["kind"] == "muon" for g in groups):
+        raise LmlabError("optim.name=muon found no 2-D weights inside the blocks to orthogonalise; use optim.name=adamw")
+    return Muon(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
+                momentum=optim_cfg.muon_momentum, nesterov=optim_cfg.muon_nesterov, ns_steps=optim_cfg.muon_ns_steps,
+                momentum_warmup_steps=optim_cfg.muon_momentum_warmup_steps)
+
+
 def set_lr(optimizer, lr):
+    """The schedule's lr on every group, times the group's lr_scale (per-group learning rates, Muon)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
