@@ -85,7 +85,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "tinystories"  # bundled corpus name (tinystories, zh) or "" to use train_files
+    corpus: str = "tinystories"  # bundled corpus name (tinystories, zh, copy: synthetic, written on first use) or "" to use train_files
     train_files: list[str] = field(default_factory=list)  # text / .jsonl files (.gz/.xz ok) used when corpus = ""
     val_files: list[str] = field(default_factory=list)  # validation files; empty = hold out val_fraction of documents
     val_fraction: float = 0.05  # share of documents held out when there are no val_files
@@ -165,6 +165,8 @@ class TrainConfig:
     wandb: bool = False  # also log to Weights & Biases (pip install 'lmlab[wandb]'; WANDB_MODE=offline works)
     wandb_project: str = "lmlab"  # wandb project of the run
     evals: list[str] = field(default_factory=list)  # run at validation time, into metrics.jsonl: copy, reverse, history, mmlu, cmmlu
+    evals_random_tokens: Literal["seen", "frequency", "vocab"] = "seen"  # random copy/reverse tokens: seen in the training shards, by training frequency, or the whole vocabulary
+    evals_separator: str = ""  # text between a copy/reverse probe sequence and its copy; "" = the end-of-text token
     evals_every: int = 0  # steps between train.evals (a multiple of train.eval_every); 0 = at every validation evaluation
     checkpoint_every: int = 0  # steps between checkpoints in runs/NAME/checkpoints; 0 = off (one is still written at the end and on SIGINT / SIGTERM)
     checkpoint_minutes: float = 30.0  # training minutes between checkpoints; 0 = off

@@ -168,7 +168,8 @@ def test_eval_errors_are_one_line(run_dir, tmp_path, capsys):
 def test_copy_probe_of_a_perfect_induction_head(val_stream):
     tokenizer, stream = val_stream
     model = InductionModel(tokenizer.vocab_size, 64)
-    result = probes.copy_probe(model, tokenizer, stream, lengths=[8, 31, 96], samples=8, stride=4)
+    result = probes.copy_probe(model, tokenizer, stream, lengths=[8, 31, 96], samples=8, stride=4,
+                               random_tokens="vocab")
     # real text repeats tokens (" the", "."), and then the latest occurrence can point the wrong way
     for kind, least in (("random", 0.9), ("meaningful", 0.6)):
         short, fits, beyond = result[kind]
@@ -177,17 +178,54 @@ def test_copy_probe_of_a_perfect_induction_head(val_stream):
         assert np.mean(short["per_position"][1:]) > least and np.mean(fits["per_position"][1:]) > least
         assert beyond["accuracy"] < 0.15  # the first half left the 64-token window
     assert result["random"][0]["first_accuracy"] < 0.1  # random tokens: nothing to predict from the first time
-    reverse = probes.copy_probe(model, tokenizer, stream, task="reverse", lengths=[8, 31], samples=8)
+    reverse = probes.copy_probe(model, tokenizer, stream, task="reverse", lengths=[8, 31], samples=8,
+                                random_tokens="vocab")
     assert all(row["accuracy"] < 0.2 for row in reverse["random"])  # copying is not reversing
 
 
 def test_shots_put_demonstrations_before_the_probe(val_stream):
     tokenizer, stream = val_stream
     model = InductionModel(tokenizer.vocab_size, 64)
-    result = probes.copy_probe(model, tokenizer, stream, lengths=[6], samples=8, shots=2, stride=4)
+    result = probes.copy_probe(model, tokenizer, stream, lengths=[6], samples=8, shots=2, stride=4,
+                               counts=np.bincount(stream))
     # with demonstrations, the separator itself has been seen before: the induction head now
     # predicts the first token of the previous demo's copy, still wrong for a new sequence
     assert result["shots"] == 2 and np.mean(result["random"][0]["per_position"][1:]) > 0.9
+
+
+class _SeenOnlyInduction(InductionModel):
+    """An induction head that copies only the tokens it has a trained embedding for (`seen`)."""
+
+    def __init__(self, vocab_size, context_length, seen):
+        super().__init__(vocab_size, context_length)
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+        self.seen[torch.as_tensor(seen)] = True
+
+    def forward(self, x):
+        return super().forward(x) * self.seen[x].unsqueeze(-1)  # unseen current token: flat logits, a guess
+
+
+def test_random_probe_tokens_come_from_the_training_data_by_default(val_stream):
+    tokenizer, stream = val_stream
+    counts = np.bincount(stream[: len(stream) // 20])  # a small "training set" that leaves tokens unseen
+    ordinary = token_byte_lengths(tokenizer) > 0
+    seen = np.flatnonzero((np.pad(counts, (0, tokenizer.vocab_size - len(counts))) > 0) & ordinary)
+    assert 10 < len(seen) < ordinary.sum() * 0.9
+    ids, p = probes.random_pool(tokenizer, counts, "seen")
+    assert list(ids) == list(seen) and p is None and tokenizer.eot_id not in ids
+    ids, p = probes.random_pool(tokenizer, counts, "frequency")
+    assert list(ids) == list(seen) and p.sum() == pytest.approx(1) and np.allclose(p, counts[ids] / counts[ids].sum())
+    assert len(probes.random_pool(tokenizer, None, "vocab")[0]) == tokenizer.vocab_size - 1
+    with pytest.raises(Exception, match="need the training shards"):
+        probes.random_pool(tokenizer, None, "seen")
+    # a model that copies every token it was trained on: the default measure says so, the vocabulary does not
+    model = _SeenOnlyInduction(tokenizer.vocab_size, 64, seen)
+    kinds = {mode: probes.copy_probe(model, tokenizer, stream, lengths=[16], samples=16, random_tokens=mode,
+                                     counts=counts) for mode in probes.RANDOM_TOKENS}
+    assert kinds["seen"]["random_pool"] == len(seen) and kinds["vocab"]["random_pool"] == tokenizer.vocab_size - 1
+    assert np.mean(kinds["seen"]["random"][0]["per_position"][1:]) > 0.9
+    assert np.mean(kinds["frequency"]["random"][0]["per_position"][1:]) > 0.5  # frequent tokens repeat within a span
+    assert kinds["vocab"]["random"][0]["accuracy"] < 0.6
 
 
 def test_history_gain_is_zero_for_a_model_without_memory_and_positive_for_a_trained_one(run, val_stream):
@@ -218,6 +256,26 @@ def test_probe_command_writes_table_json_and_plot(run_dir, capsys):
     assert "#### Evaluation: copy" in report and "evals/copy.png" in report
 
 
+def test_probe_command_draws_random_tokens_as_asked(run_dir, tmp_path, capsys):
+    from lmlab.lab.evaluate import _run_data, load_target
+
+    shards = _run_data(load_target(run_dir), log=lambda *_: None)
+    counts = probes.token_counts(shards, "train")
+    tokenizer = load_run(run_dir).tokenizer
+    seen = int(((counts > 0) & (token_byte_lengths(tokenizer)[:len(counts)] > 0)).sum())
+    for mode, pool in (("seen", seen), ("frequency", seen), ("vocab", tokenizer.vocab_size - 1)):
+        flags = [] if mode == "seen" else ["--random-tokens", mode]  # seen is the default
+        assert main(["eval", str(run_dir), "--probe", "copy", "--lengths", "4", "--samples", "2",
+                     "--out", str(tmp_path / mode), *flags]) == 0
+        result = json.loads((tmp_path / mode / "copy.json").read_text())
+        assert result["random_tokens"] == mode and result["random_pool"] == pool
+    assert seen < tokenizer.vocab_size - 1  # the small corpus leaves tokens of its vocabulary unseen
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as bad:
+        main(["eval", str(run_dir), "--probe", "copy", "--random-tokens", "all"])
+    assert bad.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
 def test_default_lengths_reach_beyond_the_context():
     lengths = probes.default_lengths(128)
     assert lengths[0] == 4 and 63 in lengths and lengths[-1] == 256
@@ -240,5 +298,7 @@ def test_train_evals_write_probe_numbers_into_metrics_and_checkpoints_evaluate(s
     assert result["overall"]["loss"] == pytest.approx(logged[0], rel=1e-5)
     with pytest.raises(Exception, match="choose from"):
         load_config(None, ["train.evals=copi"])
+    with pytest.raises(Exception, match="seen"):
+        load_config(None, ["train.evals_random_tokens=all"])
     with pytest.raises(Exception, match="multiple of train.eval_every"):
         load_config(None, ["train.evals=copy", "train.eval_every=100", "train.evals_every=150"])

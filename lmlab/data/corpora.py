@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from lmlab.data.documents import check_file
+from lmlab.data.synthetic import SYNTHETIC, synthetic_corpus
 from lmlab.data.shards import check_tokenizer, load_meta, prepare
 from lmlab.errors import LmlabError
 from lmlab.data.tokenizer import EOT, Tokenizer, check_special_tokens, train_tokenizer
@@ -29,11 +30,14 @@ CACHE_VERSION = 1  # bump when the tokenizer recipe or shard format changes, to 
 
 
 def available_corpora():
-    return sorted(p.name for p in CORPORA_DIR.iterdir() if (p / "train.txt.xz").is_file())
+    """The shipped corpora and the synthetic ones lmlab writes on first use (lmlab/data/synthetic.py)."""
+    return sorted([p.name for p in CORPORA_DIR.iterdir() if (p / "train.txt.xz").is_file()] + list(SYNTHETIC))
 
 
-def bundled_corpus(name):
-    """(train_files, val_files) of a corpus shipped with lmlab."""
+def bundled_corpus(name, cache=None):
+    """(train_files, val_files) of a corpus shipped with lmlab (a synthetic one is written under `cache`)."""
+    if name in SYNTHETIC:
+        return synthetic_corpus(name, cache or cache_dir(None))
     if name not in available_corpora():
         raise LmlabError(f"no bundled corpus named '{name}'; available: {', '.join(available_corpora())} "
                          "(or set data.corpus=\"\" and data.train_files)")
@@ -41,8 +45,8 @@ def bundled_corpus(name):
 
 
 def cache_dir(data):
-    """data.cache_dir, else $LMLAB_CACHE, else ~/.cache/lmlab."""
-    return Path(data.cache_dir or os.environ.get("LMLAB_CACHE") or "~/.cache/lmlab").expanduser()
+    """data.cache_dir, else $LMLAB_CACHE, else ~/.cache/lmlab (data None: the last two)."""
+    return Path((data and data.cache_dir) or os.environ.get("LMLAB_CACHE") or "~/.cache/lmlab").expanduser()
 
 
 def _key(*parts):
@@ -63,7 +67,7 @@ def _resolve_files(data):
         if data.train_files or data.val_files:
             raise LmlabError(f"data.corpus='{data.corpus}' and data.train_files/val_files are both set; "
                              "set data.corpus=\"\" to train on your own files")
-        return bundled_corpus(data.corpus)
+        return bundled_corpus(data.corpus, cache_dir(data))
     if not data.train_files:
         raise LmlabError("no training data: set data.corpus, data.train_files or data.shards")
     return [check_file(f) for f in data.train_files], [check_file(f) for f in data.val_files]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from lmlab.errors import LmlabError
 
 PROBES = ("copy", "reverse", "history")
+RANDOM_TOKENS = ("seen", "frequency", "vocab")  # = lmlab.evals.probes.RANDOM_TOKENS
 
 
 def int_list(text):
@@ -50,6 +51,9 @@ class EvalOptions:
     lengths: tuple | None = _flag(None, "probe sequence lengths (default 4 .. twice the context)",
                                   type=int_list, metavar="N,N,...")
     samples: int = _flag(32, "probe sequences per length (history: twice as many)")
+    random_tokens: str = _flag("seen", "tokens of random probe sequences: seen in the training shards (default), "
+                                       "drawn by their training frequency, or the whole vocabulary",
+                               choices=RANDOM_TOKENS)
     separator: str | None = _flag(None, "text between a probe sequence and its copy (default: the end-of-text token)",
                                   metavar="TEXT")
     choice: tuple = _flag((), "multiple-choice file (CSV / JSONL) or bundled set: mmlu, mmlu-dev, cmmlu, cmmlu-dev",

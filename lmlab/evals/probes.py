@@ -7,8 +7,17 @@ right when its argmax is the next one. A model that holds the first half in
 working memory copies it; one that does not can only guess.
 
 Design choices:
-- Two kinds of sequence. "random": tokens drawn uniformly from the vocabulary
-  (special tokens excluded), so nothing but the first half predicts the second.
+- Two kinds of sequence. "random": tokens drawn at random, so nothing but the
+  first half predicts the second. Which tokens is `random_tokens`: "seen"
+  (the default) draws uniformly from the tokens that occur in the training
+  shards, "frequency" in proportion to how often they occur there, "vocab"
+  uniformly from the whole vocabulary. A token that never occurs in training
+  keeps its initial embedding, which a model cannot tell from its neighbours
+  (nor its output row from the next); a sequence of such tokens tests the
+  untrained weights, not the memory, and a small corpus on a large vocabulary
+  leaves many of them (the copy corpus: 28 of 300; the probe then reports
+  near-chance accuracy for a model that copies every seen token). Special
+  tokens are never drawn.
   "meaningful": spans of real text (the run's validation split, or any text
   file), taken from the token stream with the end-of-text tokens removed, so a
   model can also predict them from language alone. For that reason every
@@ -41,6 +50,7 @@ from lmlab.errors import LmlabError
 from lmlab.evals.scoring import score
 
 PROBES = ("copy", "reverse", "history")
+RANDOM_TOKENS = ("seen", "frequency", "vocab")  # what random probe sequences draw from (random_pool)
 MAX_STREAM_TOKENS = 2_000_000  # tokens of real text read for meaningful spans and history positions
 
 
@@ -95,20 +105,60 @@ def shard_stream(shards_dir, split="val", max_tokens=MAX_STREAM_TOKENS):
     return np.concatenate(parts)
 
 
-class _Sampler:
-    """Draws probe sequences of one kind: random tokens or spans of real text."""
+def token_counts(shards_dir, split="train", chunk=1 << 24):
+    """How often each token id occurs in a prepared split (all of it, read in chunks)."""
+    from pathlib import Path
 
-    def __init__(self, kind, tokenizer, stream, rng):
+    from lmlab.data.shards import load_meta
+
+    meta = load_meta(shards_dir)
+    counts = np.zeros(0, dtype=np.int64)
+    for name in meta["splits"][split]["shards"]:
+        shard = np.load(Path(meta["dir"]) / name, mmap_mode="r")
+        for start in range(0, len(shard), chunk):
+            part = np.bincount(np.asarray(shard[start:start + chunk]))
+            if len(part) > len(counts):
+                counts = np.pad(counts, (0, len(part) - len(counts)))
+            counts[:len(part)] += part
+    return counts
+
+
+def random_pool(tokenizer, counts=None, mode="seen"):
+    """(token ids, probabilities or None) random probe sequences draw from; specials never.
+
+    mode "vocab": every ordinary token, uniformly. "seen": those with counts > 0, uniformly.
+    "frequency": those, in proportion to their counts. `counts` (token_counts of the
+    training split) is needed for the last two.
+    """
+    if mode not in RANDOM_TOKENS:
+        raise LmlabError(f"unknown random-token mode {mode!r}; choose {', '.join(RANDOM_TOKENS)}")
+    ordinary = token_byte_lengths(tokenizer) > 0
+    if mode == "vocab":
+        return np.flatnonzero(ordinary), None
+    if counts is None:
+        raise LmlabError(f"random tokens '{mode}' need the training shards' token counts; use 'vocab' without them")
+    counts = np.pad(np.asarray(counts, dtype=np.float64), (0, max(0, len(ordinary) - len(counts))))[:len(ordinary)]
+    counts[~ordinary] = 0
+    ids = np.flatnonzero(counts > 0)
+    if len(ids) < 2:
+        raise LmlabError(f"the training data holds {len(ids)} distinct ordinary token(s); too few for random probes")
+    return ids, (counts[ids] / counts[ids].sum() if mode == "frequency" else None)
+
+
+class _Sampler:
+    """Draws probe sequences of one kind: random tokens (from `pool`) or spans of real text."""
+
+    def __init__(self, kind, tokenizer, stream, rng, pool):
         self.kind, self.rng = kind, rng
-        byte_lengths = token_byte_lengths(tokenizer)
         if kind == "random":
-            self.tokens = np.flatnonzero(byte_lengths > 0)  # every ordinary token, no specials
+            self.tokens, self.p = pool
         else:
+            byte_lengths = token_byte_lengths(tokenizer)
             self.text = stream[byte_lengths[stream] > 0]  # end-of-text tokens out: one continuous text
 
     def draw(self, length):
         if self.kind == "random":
-            return self.rng.choice(self.tokens, size=length)
+            return self.rng.choice(self.tokens, size=length, p=self.p)
         if len(self.text) <= length:
             raise LmlabError(f"the text for meaningful probes has only {len(self.text):,} tokens, too few for a "
                              f"span of {length}; give a longer text (--probe-text) or shorter lengths")
@@ -117,8 +167,13 @@ class _Sampler:
 
 
 def copy_probe(model, tokenizer, stream, task="copy", lengths=None, samples=32, shots=0, separator=None,
-               stride=None, seed=0, device=None, precision="fp32"):
-    """Copy (or reverse) accuracy per length and position, for random and meaningful sequences."""
+               stride=None, seed=0, device=None, precision="fp32", random_tokens="seen", counts=None):
+    """Copy (or reverse) accuracy per length and position, for random and meaningful sequences.
+
+    Random sequences draw from `random_pool(tokenizer, counts, random_tokens)`: `counts` are the
+    training split's token counts (token_counts), needed unless random_tokens is "vocab".
+    """
+    pool = random_pool(tokenizer, counts, random_tokens)
     if task not in ("copy", "reverse"):
         raise LmlabError(f"unknown probe task {task!r}; choose copy or reverse")
     context_length = model.config.context_length
@@ -133,9 +188,10 @@ def copy_probe(model, tokenizer, stream, task="copy", lengths=None, samples=32, 
 
     result = {"kind": "probe", "probe": task, "context_length": context_length, "stride": stride,
               "samples": samples, "shots": shots, "seed": seed,
-              "separator": separator if separator else tokenizer.eot, "lengths": lengths}
+              "separator": separator if separator else tokenizer.eot, "lengths": lengths,
+              "random_tokens": random_tokens, "random_pool": int(len(pool[0]))}
     for kind in ("random", "meaningful"):
-        sampler = _Sampler(kind, tokenizer, stream, np.random.default_rng([seed, kind == "meaningful"]))
+        sampler = _Sampler(kind, tokenizer, stream, np.random.default_rng([seed, kind == "meaningful"]), pool)
         rows = []
         for length in lengths:
             sequences, starts = [], []

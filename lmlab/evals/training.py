@@ -9,7 +9,10 @@ Design choices:
   over the lengths that fit the context), history_loss_gain /
   history_accuracy_gain (longest history against none), mmlu_acc.
 - Cheaper than `lmlab eval`: the probes use the lengths that fit the context
-  and 16 samples, the multiple-choice sets 5 items per subject. Meaningful text
+  and 16 samples, the multiple-choice sets 5 items per subject. Random
+  probe tokens are drawn as train.evals_random_tokens says (default: tokens
+  seen in the training shards), separated by train.evals_separator (default
+  end-of-text). Meaningful text
   and history positions come from the run's own validation split. The full
   curves come from `lmlab eval RUN --probe ...` after training.
 - The seed is fixed, so two evaluations of the same weights give the same
@@ -30,6 +33,8 @@ class TrainingEvals:
         self.tokenizer, self.shards_dir = tokenizer, shards_dir
         self.device, self.precision = device, precision
         self._stream = None
+        self.random_tokens, self.separator = config.train.evals_random_tokens, config.train.evals_separator or None
+        self._counts = None
 
     def due(self, step, last_step):
         return bool(self.names) and (not self.every or step % self.every == 0 or step == last_step)
@@ -39,6 +44,12 @@ class TrainingEvals:
             self._stream = probes.shard_stream(self.shards_dir, "val", max_tokens=200_000)
         return self._stream
 
+    def counts(self):
+        """Token counts of the training split, for random probe tokens (None when they come from the vocabulary)."""
+        if self._counts is None and self.random_tokens != "vocab":
+            self._counts = probes.token_counts(self.shards_dir, "train")
+        return self._counts
+
     def run(self, model):
         """{name: value} of every train.evals entry, for one metrics event."""
         out = {}
@@ -47,7 +58,9 @@ class TrainingEvals:
             if name in ("copy", "reverse"):
                 lengths = [n for n in probes.default_lengths(context_length) if 2 * n + 1 <= context_length]
                 result = probes.copy_probe(model, self.tokenizer, self.stream(), task=name, lengths=lengths,
-                                           samples=SAMPLES, device=self.device, precision=self.precision)
+                                           samples=SAMPLES, separator=self.separator, device=self.device,
+                                           precision=self.precision, random_tokens=self.random_tokens,
+                                           counts=self.counts())
                 out.update(probes.probe_summary(result))
             elif name == "history":
                 result = probes.history_probe(model, self.stream(), samples=4 * SAMPLES, device=self.device,

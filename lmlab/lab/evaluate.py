@@ -17,6 +17,8 @@ Design choices:
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from lmlab.errors import LmlabError
 from lmlab.evals import choice, output, perplexity, probes
 from lmlab.evals.options import EvalOptions
@@ -140,8 +142,9 @@ def _evaluations(target, o, log, **common):
         yield "val", result, output.perplexity_table(result), False
     if o.probe:
         stream = _probe_stream(target, o.probe_text, o.text_key, log)
+        counts = _training_counts(target, stream, o, log)
         for name in o.probe:
-            result = _probe(name, target, stream, o, **common)
+            result = _probe(name, target, stream, counts, o, **common)
             yield name, result, output.probe_table(result), True
     for set_name in o.choice:
         result = _choice(set_name, target, o, **common)
@@ -158,12 +161,26 @@ def _write(target, name, result, table, plot, log):
     log(f"-> {json_path}" + (f" and {name}.png" if plot else ""))
 
 
-def _probe(name, target, stream, o, **common):
+def _training_counts(target, stream, o, log):
+    """Token counts that `--random-tokens seen|frequency` draw by: the run's training shards.
+
+    A Hugging Face folder has no training data here, so its counts come from the probe text.
+    """
+    if o.random_tokens == "vocab" or not any(name in ("copy", "reverse") for name in o.probe):
+        return None
+    if target.config is None:
+        log(f"random probe tokens: those {o.random_tokens} in the probe text (a Hugging Face folder has no "
+            "training shards here; --random-tokens vocab for the whole vocabulary)")
+        return np.bincount(stream)
+    return probes.token_counts(_run_data(target, log), "train")
+
+
+def _probe(name, target, stream, counts, o, **common):
     if name == "history":
         return probes.history_probe(target.model, stream, samples=o.limit or 2 * o.samples, seed=o.seed, **common)
     return probes.copy_probe(target.model, target.tokenizer, stream, task=name, lengths=o.lengths,
                              samples=o.limit or o.samples, shots=o.shots, separator=o.separator, stride=o.stride,
-                             seed=o.seed, **common)
+                             seed=o.seed, random_tokens=o.random_tokens, counts=counts, **common)
 
 
 def _choice(set_name, target, o, **common):

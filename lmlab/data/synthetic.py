@@ -1,0 +1,74 @@
+"""Synthetic corpora written on first use: `data.corpus = "copy"`.
+
+The copy corpus: every document is a run of random lowercase letters, a `|`,
+then the same letters again (`qhzkd|qhzkd`). Nothing but the first half
+predicts the second, so a model can only lower its loss on second halves by
+copying: the corpus on which an induction (copying) mechanism forms soonest,
+for `lmlab eval --probe copy --separator "|"` and experiments/induction.
+
+Design choices:
+- Deterministic: numpy's generator with a fixed seed, so every install writes
+  the same bytes (tests/test_synthetic.py checks a hash of a small one). The
+  files are written once under the data cache (cache_dir/corpora/copy-v1/),
+  atomically (a temporary directory renamed into place), and then are
+  ordinary .txt files: tokenizer, shards and their cache work unchanged.
+- Half-lengths are uniform in 1..64 letters, so with a small vocabulary
+  (300: ~1.1 letters per token) a document fills up to about one 128-token
+  window: the model sees copies at every distance the probe asks about inside
+  that window.
+- Letters without spaces: the byte-level pre-tokenizer splits at `|`, so both
+  halves are tokenized identically and the copy is exact in tokens too.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from lmlab.data.documents import EOT
+
+VERSION = 1  # bump when the recipe below changes: the files live under a versioned name
+COPY = {"seed": 0, "train_documents": 60_000, "val_documents": 2_000, "min_letters": 1, "max_letters": 64}
+LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+SYNTHETIC = ("copy",)
+
+
+def copy_documents(n, rng, min_letters=1, max_letters=64, separator="|"):
+    """n documents `letters|letters`, half-lengths uniform in min_letters..max_letters."""
+    lengths = rng.integers(min_letters, max_letters + 1, size=n)
+    for length in lengths:
+        half = "".join(rng.choice(LETTERS, size=int(length)))
+        yield f"{half}{separator}{half}"
+
+
+def write_copy_corpus(out_dir, seed=0, train_documents=60_000, val_documents=2_000, min_letters=1, max_letters=64):
+    """Write train.txt and valid.txt (documents separated by end-of-text lines) into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, n, stream in (("train.txt", train_documents, 0), ("valid.txt", val_documents, 1)):
+        rng = np.random.default_rng([seed, stream])
+        with open(out_dir / name, "w", encoding="utf-8", newline="\n") as f:
+            for doc in copy_documents(n, rng, min_letters, max_letters):
+                f.write(f"{doc}\n{EOT}\n")
+    return out_dir / "train.txt", out_dir / "valid.txt"
+
+
+def synthetic_corpus(name, root):
+    """(train_files, val_files) of a synthetic corpus, written under root/corpora/ on first use."""
+    entry = Path(root).expanduser() / "corpora" / f"{name}-v{VERSION}"
+    files = [entry / "train.txt"], [entry / "valid.txt"]
+    if (entry / "valid.txt").is_file():
+        return files
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+    try:
+        write_copy_corpus(tmp, **COPY)
+        os.rename(tmp, entry)
+    except OSError:
+        if not (entry / "valid.txt").is_file():  # not just another process winning the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return files
