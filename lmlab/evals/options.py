@@ -56,6 +56,9 @@ class EvalOptions:
                                choices=RANDOM_TOKENS)
     separator: str | None = _flag(None, "text between a probe sequence and its copy (default: the end-of-text token)",
                                   metavar="TEXT")
+    repetition: bool = _flag(False, "share of repeated n-grams in continuations of validation-text prompts, "
+                                    "greedy and sampled, against the real text that follows them")
+    new_tokens: int = _flag(128, "tokens generated per prompt (--repetition)")
     choice: tuple = _flag((), "multiple-choice file (CSV / JSONL) or bundled set: mmlu, mmlu-dev, cmmlu, cmmlu-dev",
                           nargs="+", metavar="FILE|SET")
     # how
@@ -79,11 +82,13 @@ class EvalOptions:
 
     def check(self):
         """Refuse, in one line, options that ask for nothing or hold a value out of range."""
-        if not (self.text or self.shards or self.val or self.probe or self.choice):
+        if not (self.text or self.shards or self.val or self.probe or self.repetition or self.choice):
             raise LmlabError("nothing to evaluate: give --text FILE, --shards DIR, --val, "
-                             "--probe copy|reverse|history or --choice FILE|mmlu|cmmlu")
+                             "--probe copy|reverse|history, --repetition or --choice FILE|mmlu|cmmlu")
         if self.stride is not None and self.stride <= 0:
             raise LmlabError(f"--stride must be positive, got {self.stride}")
+        if self.new_tokens <= 0:
+            raise LmlabError(f"--new-tokens must be positive, got {self.new_tokens}")
         if self.samples <= 0 or self.limit < 0 or self.shots < 0 or any(n <= 0 for n in self.lengths or ()):
             raise LmlabError("--samples and --lengths must be positive, --limit and --shots >= 0")
         for name in self.probe:

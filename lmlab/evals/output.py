@@ -174,6 +174,10 @@ def eval_summaries(run_dir):
                 text = perplexity_table(result)
             elif kind == "probe":
                 text = probe_table(result)
+            elif kind == "repetition":
+                from lmlab.evals.repetition import repetition_table
+
+                text = repetition_table(result)
             elif kind == "choice":
                 text = choice_table({**result, "subjects": {}})  # overall lines only; subjects are in the JSON
             else:

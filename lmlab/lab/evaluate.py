@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.errors import LmlabError
-from lmlab.evals import choice, output, perplexity, probes
+from lmlab.evals import choice, output, perplexity, probes, repetition
 from lmlab.evals.options import EvalOptions
 
 
@@ -146,6 +146,11 @@ def _evaluations(target, o, log, **common):
         for name in o.probe:
             result = _probe(name, target, stream, counts, o, **common)
             yield name, result, output.probe_table(result), True
+    if o.repetition:
+        stream = _probe_stream(target, o.probe_text, o.text_key, log)
+        result = repetition.repetition_eval(model, tokenizer, stream, samples=o.limit or o.samples,
+                                            new_tokens=o.new_tokens, seed=o.seed, **common)
+        yield "repetition", result, repetition.repetition_table(result), True
     for set_name in o.choice:
         result = _choice(set_name, target, o, **common)
         name = set_name if set_name in choice.BUNDLED else choice.base_name(result["file"])
@@ -157,7 +162,8 @@ def _write(target, name, result, table, plot, log):
     log(f"\n{name}\n{table}")
     json_path = output.write_result(target.out_dir, name, result, target.path.resolve(), target.model)
     if plot:
-        output.plot_probe(result, target.out_dir / f"{name}.png", title=f"{name}: {target.path.name}")
+        draw = repetition.plot_repetition if result.get("kind") == "repetition" else output.plot_probe
+        draw(result, target.out_dir / f"{name}.png", title=f"{name}: {target.path.name}")
     log(f"-> {json_path}" + (f" and {name}.png" if plot else ""))
 
 
