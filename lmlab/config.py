@@ -160,7 +160,7 @@ class TrainConfig:
     print_every: int = 0  # steps between status lines when stderr is no terminal (CI, SLURM logs); 0 = 20 per run
     peak_tflops: float = 0.0  # device peak for MFU in TFLOP/s; 0 = the GPU table, or a measured matmul on CPU
     parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # under torchrun: ddp, fsdp (FSDP2 sharding), none; auto = ddp with 2+ processes
-    dist_timeout: float = 600.0  # seconds any collective may wait for the other ranks before the job fails
+    collective_timeout: float = 600.0  # seconds a collective waits for the other ranks (a dead or hung one) before the run fails (status failed)
     tensorboard: bool = False  # also log to runs/NAME/tensorboard (pip install 'lmlab[tensorboard]')
     wandb: bool = False  # also log to Weights & Biases (pip install 'lmlab[wandb]'; WANDB_MODE=offline works)
     wandb_project: str = "lmlab"  # wandb project of the run
@@ -171,6 +171,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints in runs/NAME/checkpoints; 0 = off (one is still written at the end and on SIGINT / SIGTERM)
     checkpoint_minutes: float = 30.0  # training minutes between checkpoints; 0 = off
     keep_checkpoints: int = 2  # newest checkpoints kept; 0 = write none (the run cannot be resumed)
+    on_checkpoint_error: Literal["stop", "continue"] = "stop"  # a checkpoint the disk refuses: stop (status failed, the last good one kept) or warn and go on
     resume: str = ""  # a run directory to continue from its latest checkpoint, or "auto" = runs_dir/run_name if it exists
     on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/inf loss or gradients, caught before the update: stop (status diverged) or skip the batch
 
@@ -285,8 +286,12 @@ def _coerce(value, typ, key):
     raise TypeError(f"unsupported config field type {typ} for {key}")
 
 
+RENAMED = {"train.dist_timeout": "train.collective_timeout"}  # old names still read (configs, checkpoints of older runs)
+
+
 def set_key(config, key, value):
     """Set a dotted key ('optim.lr') on `config`, checking the key and the type."""
+    key = RENAMED.get(key, key)
     if key == "name":
         config.name = _coerce(value, str, key)
         return
@@ -401,8 +406,9 @@ def _check_numbers(config):
     for key, value in positive.items():
         if value <= 0:
             raise LmlabError(f"config key '{key}' must be positive, got {value}")
-    if not t.dist_timeout > 0:
-        raise LmlabError(f"config key 'train.dist_timeout' must be a positive number of seconds, got {t.dist_timeout}")
+    if not t.collective_timeout > 0:
+        raise LmlabError("config key 'train.collective_timeout' must be a positive number of seconds, "
+                         f"got {t.collective_timeout}")
     for key, value in {"train.norms_every": t.norms_every, "train.print_every": t.print_every,
                        "train.peak_tflops": t.peak_tflops, "train.loss_chunk": t.loss_chunk}.items():
         if value < 0:

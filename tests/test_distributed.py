@@ -206,7 +206,7 @@ def test_one_rank_raising_ends_the_job_with_an_error_and_the_last_checkpoint_sta
     entry.write_text(FAILING_RANK)
     run_dir = found["ddp"].parent / "failing"
     started = time.monotonic()
-    process = torchrun([str(entry), "train", *base, "train.checkpoint_every=2", "train.dist_timeout=60",
+    process = torchrun([str(entry), "train", *base, "train.checkpoint_every=2", "train.collective_timeout=60",
                         f"train.run_name={run_dir.name}"])
     try:
         out, _ = process.communicate(timeout=TIMEOUT)

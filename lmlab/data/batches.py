@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmlab.data import integrity
 from lmlab.data.shards import load_meta
 from lmlab.errors import LmlabError
 
@@ -21,10 +22,11 @@ IGNORE = -100  # target at padding positions; cross_entropy skips it
 REBUILD = "re-run lmlab prepare (or delete that cache directory to have it rebuilt)"
 
 
-def _load_shard(path, index=False):
-    """A memory-mapped shard (or its document index); a missing, truncated or foreign file is an LmlabError."""
+def _load_shard(path, meta, index=False):
+    """A memory-mapped shard (or its document index); a missing, truncated, foreign or changed file is an LmlabError."""
     try:
         shard = np.load(path, mmap_mode="r", allow_pickle=False)
+        integrity.verify(meta, path, REBUILD)  # its sha256 against meta.json's, once per process
     except FileNotFoundError:
         raise LmlabError(f"shard {path} is missing: {REBUILD}") from None
     except (ValueError, OSError, EOFError) as e:
@@ -65,7 +67,8 @@ class Batches:
         self.pad_id = meta["pad_id"]
         info = meta["splits"][split]
         directory = Path(meta["dir"])
-        self.shards = [_load_shard(directory / name) for name in info["shards"]]
+        self.shards = [_load_shard(directory / name, meta) for name in info["shards"]]
+        self.shard_paths = [directory / name for name in info["shards"]]
         if sum(len(s) for s in self.shards) != info["tokens"]:
             raise LmlabError(f"the {split} shards in {directory} hold {sum(len(s) for s in self.shards):,} tokens but "
                              f"meta.json says {info['tokens']:,}; they were changed after lmlab prepare: {REBUILD}")
@@ -80,7 +83,7 @@ class Batches:
         else:
             shard_of, begin, end = [], [], []
             for i, name in enumerate(info["shards"]):
-                starts = _load_shard(directory / name.replace(".npy", ".docs.npy"), index=True)
+                starts = _load_shard(directory / name.replace(".npy", ".docs.npy"), meta, index=True)
                 shard_of.append(np.full(len(starts), i))
                 begin.append(starts)
                 end.append(np.append(starts[1:], len(self.shards[i])))
@@ -101,12 +104,17 @@ class Batches:
             shard = np.searchsorted(ends, picks, side="right")
             offsets = picks - (ends[shard] - self.starts[shard])
             rows = np.stack([self.shards[s][o:o + window] for s, o in zip(shard, offsets)]).astype(np.int64)
+            integrity.check_ids(rows, self.meta["vocab_size"], lambda r, c: (self.shard_paths[shard[r]], offsets[r] + c),
+                                REBUILD)
             return rows[:, :-1].copy(), rows[:, 1:].copy()
         x = np.full((len(picks), self.context_length), self.pad_id, dtype=np.int64)
         y = np.full((len(picks), self.context_length), IGNORE, dtype=np.int64)
         for row, doc in enumerate(picks):
             begin = self.doc_begin[doc]
             tokens = self.shards[self.doc_shard[doc]][begin:min(self.doc_end[doc], begin + window)]
+            path = self.shard_paths[self.doc_shard[doc]]
+            integrity.check_ids(tokens[None, :], self.meta["vocab_size"], lambda r, c, p=path, b=begin: (p, b + c),
+                                REBUILD)
             x[row, :len(tokens) - 1] = tokens[:-1]
             y[row, :len(tokens) - 1] = tokens[1:]
         return x, y

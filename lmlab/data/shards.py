@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from lmlab import atomic
 from lmlab.data.documents import check_file, iter_documents
-from lmlab.errors import LmlabError
 from lmlab.data.encode import ParallelEncoder
+from lmlab.data.integrity import checksums
+from lmlab.errors import LmlabError
 
 CHUNK_CHARS = 1 << 20  # text per chunk sent to an encoding worker: a few hundred documents, little memory
 
@@ -202,6 +203,7 @@ def prepare(files, tokenizer, out_dir, val_files=(), val_fraction=0.05, text_key
                         "val": [{"file": str(f), "bytes": f.stat().st_size} for f in val_files]},
             "val_fraction": None if val_files else val_fraction,
             "text_key": text_key, "shard_tokens": shard_tokens,
+            "sha256": checksums(tmp, [name for info in splits.values() for name in info["shards"]]),  # integrity.py
         }
         atomic.write_text(tmp / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         _publish(tmp, out_dir)

@@ -26,7 +26,7 @@ Design choices:
   (see docs/distributed.md).
 - Host-side decisions (time budget, stop signals) are agreed every step over a
   CPU (gloo) group, so every rank stops at the same step and none waits forever
-  in a collective; `train.dist_timeout` bounds any collective, and torchrun ends
+  in a collective; `train.collective_timeout` bounds any collective, and torchrun ends
   the others when one rank exits with an error.
 - A worker process that started a process group ends with os._exit once the
   command is done (`end_worker`): see its docstring for the abort it avoids.
@@ -104,7 +104,7 @@ class Parallel:
     @classmethod
     def from_launch(cls, config):
         rank, local_rank, world = launched()
-        return cls(resolve_mode(config.train.parallel, world), rank, local_rank, world, config.train.dist_timeout)
+        return cls(resolve_mode(config.train.parallel, world), rank, local_rank, world, config.train.collective_timeout)
 
     @property
     def active(self):

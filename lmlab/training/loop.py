@@ -28,6 +28,8 @@ Design choices:
 - Checkpoints, resume, stop rules, stop signals and non-finite steps live in
   their own modules (checkpoint.py, resume.py, stops.py, signals.py,
   faults.py); the loop only calls them.
+- An error after set-up ends the run with status failed in summary.json,
+  the reason and the newest checkpoint, and one line (failure.py).
 - Under torchrun the same function runs on every rank; everything that
   depends on the world size goes through one `Parallel` object
   (distributed.py). Rank 0 logs, writes the run directory and samples; the
@@ -42,6 +44,7 @@ from lmlab.config import validate
 from lmlab.rundir.sinks import check_sinks
 from lmlab.training.distributed import Parallel
 from lmlab.training.duties import Throughput, after_step, checkpoint_at_end, evaluate
+from lmlab.training.failure import fail
 from lmlab.training.finish import finish, write_samples
 from lmlab.training.setup import build_model, setup
 from lmlab.training.signals import StopSignals
@@ -71,10 +74,15 @@ def _train(config, log, parallel):
             if result.stopped or after_step(run, state, result, signals, speed):
                 break
         checkpoint_at_end(run, state)
+    except Exception as error:  # summary.json says failed, and why (failure.py); signal handlers still in place
+        fail(run, state, error)
     finally:  # a second Ctrl-C (KeyboardInterrupt) passes through: no checkpoint, the previous ones intact
         run.progress.close()
         signals.restore()
-    return finish(run, state, signals)
+    try:
+        return finish(run, state, signals)
+    except Exception as error:
+        fail(run, state, error)
 
 
 def _quiet(*args, **kwargs):

@@ -1,0 +1,150 @@
+"""Faults a long run meets, injected on purpose: a damaged shard, a full disk, a rank that dies or hangs.
+
+Each one must end with one lmlab line (no traceback), a non-zero exit, summary.json
+status `failed` with the reason, nothing corrupt on disk; a run that had a checkpoint
+resumes from it to the very weights of a run that was never interrupted (CPU, bitwise).
+docs/reliability.md is the table of these faults; each row names its test here.
+
+Faults are injected at a known step through the log callback: `train(config, log=...)`
+calls it with the status line of every step (train.print_every=1), after that step's
+checkpoint duty is due and before the next step's batch is built.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ckpt_support import leftovers, same_weights
+from lmlab import load_config, train
+from lmlab.data.corpora import ensure_data
+from lmlab.errors import LmlabError
+from lmlab.training import checkpoint
+
+STEPS = 8
+CLI = [sys.executable, "-m", "lmlab.cli", "train"]
+
+
+def overrides(tiny_overrides, *extra):
+    """The tiny model, 8 steps, a checkpoint every 2 steps, a status line every step (the injection point)."""
+    return tiny_overrides + [f"train.max_steps={STEPS}", "train.eval_every=4", "train.checkpoint_every=2",
+                             "train.checkpoint_minutes=0", "train.keep_checkpoints=2", "train.print_every=1",
+                             "train.threads=1", "train.sample_tokens=4", *extra]
+
+
+def at_step(step, action):
+    """A log callback that runs `action()` once, when the status line of `step` is printed."""
+    done = []
+
+    def log(*args, **kwargs):
+        match = re.match(r"step (\d+)/", " ".join(str(a) for a in args))
+        if match and int(match.group(1)) == step and not done:
+            done.append(step)
+            action()
+    return log
+
+
+def summary(run_dir):
+    return json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+
+
+def one_line(error):
+    """The message the CLI prints as `lmlab: error: ...`: one line, no traceback."""
+    text = str(error)
+    assert "\n" not in text and "Traceback" not in text, text
+    return text
+
+
+@pytest.fixture
+def reference(tiny_overrides):
+    """The uninterrupted run every resumed run must end equal to (bitwise)."""
+    return train(load_config(None, overrides(tiny_overrides, "train.run_name=reference")), log=lambda *a, **k: None)
+
+
+@pytest.fixture
+def shards(tiny_overrides, tmp_path):
+    """A private copy of the tiny run's prepared shards (train.data.shards points at it): free to damage."""
+    config = load_config(None, tiny_overrides)
+    _, built = ensure_data(config.data, log=lambda *a, **k: None)
+    copy = tmp_path / "shards"
+    shutil.copytree(built, copy)
+    return copy
+
+
+def train_shard(shards_dir):
+    meta = json.loads((shards_dir / "meta.json").read_text(encoding="utf-8"))
+    return shards_dir / meta["splits"]["train"]["shards"][0], meta
+
+
+def overwrite(path, values, start=0.3):
+    """Overwrite the tokens of a shard from `start` (a share of its length) to its end, in place (the mmap sees it)."""
+    tokens = np.load(path, mmap_mode="r+")
+    begin = int(len(tokens) * start)
+    tokens[begin:] = values(np.asarray(tokens[begin:]))
+    tokens.flush()
+    del tokens
+    return begin
+
+
+# ---------------------------------------------------------------- damaged shards
+
+
+def test_meta_records_a_sha256_per_shard_file(shards):
+    from lmlab.data.integrity import file_sha256
+
+    _, meta = train_shard(shards)
+    names = [n for split in meta["splits"].values() for n in split["shards"]]
+    assert set(meta["sha256"]) == {n for name in names for n in (name, name.replace(".npy", ".docs.npy"))}
+    assert all(meta["sha256"][name] == file_sha256(shards / name) for name in meta["sha256"])
+
+
+def test_shard_changed_inside_the_vocabulary_is_refused_by_its_checksum(tiny_overrides, shards, tmp_path):
+    """Ids overwritten with other valid ids: nothing else could notice. Refused before the run directory exists."""
+    path, meta = train_shard(shards)
+    overwrite(path, lambda t: (t.astype(np.int64) + 1) % meta["vocab_size"])
+    with pytest.raises(LmlabError, match=r"does not match the sha256 lmlab prepare recorded") as error:
+        train(load_config(None, overrides(tiny_overrides, f"data.shards={shards}", "train.run_name=x")),
+              log=lambda *a, **k: None)
+    assert str(path) in one_line(error.value)
+    assert not (tmp_path / "runs" / "x").exists()
+
+
+def test_old_meta_without_checksums_still_trains(tiny_overrides, shards):
+    meta_path = shards / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    del meta["sha256"]
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    run = train(load_config(None, overrides(tiny_overrides, f"data.shards={shards}", "train.max_steps=2")),
+                log=lambda *a, **k: None)
+    assert summary(run)["status"] == "completed"
+
+
+def test_ids_beyond_the_vocabulary_fail_the_run_naming_shard_and_offset_then_resume_exactly(
+        tiny_overrides, shards, reference):
+    """A shard damaged during the run (after its checksum was checked): caught where the batch is built."""
+    path, meta = train_shard(shards)
+    original = path.read_bytes()
+    begin = []
+    config = overrides(tiny_overrides, f"data.shards={shards}", "train.run_name=damaged")
+    hook = at_step(3, lambda: begin.append(overwrite(path, lambda t: np.full_like(t, meta["vocab_size"] + 7))))
+    with pytest.raises(LmlabError) as error:
+        train(load_config(None, config), log=hook)
+    message = one_line(error.value)
+    run_dir = shards.parent / "runs" / "damaged"
+    assert re.search(rf"shard {re.escape(str(path))} holds token id {meta['vocab_size'] + 7} at token offset [\d,]+, "
+                     rf"outside the vocabulary of {meta['vocab_size']}", message), message
+    offset = int(re.search(r"at token offset ([\d,]+)", message).group(1).replace(",", ""))
+    assert offset >= begin[0]
+    assert "failed after step 3" in message and "step_000002" in message and "--resume" in message
+    s = summary(run_dir)
+    assert s["status"] == "failed" and s["steps"] == 3 and s["checkpoint"] == "step_000002"
+    assert "outside the vocabulary" in s["reason"]
+    assert not leftovers(run_dir)
+    path.write_bytes(original)  # the shard repaired (lmlab prepare again would give these bytes)
+    resumed = train(load_config(None, [*config, f"train.resume={run_dir}"]), log=lambda *a, **k: None)
+    assert summary(resumed)["status"] == "completed" and same_weights(resumed, reference)
