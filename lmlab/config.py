@@ -95,7 +95,8 @@ class DataConfig:
     tokenizer_vocab_size: int = 4096  # vocab size when lmlab trains the tokenizer
     shards: str = ""  # directory of prepared shards; "" = prepare them and cache them
     cache_dir: str = ""  # where built tokenizers and shards are cached; "" = $LMLAB_CACHE or ~/.cache/lmlab
-    packing: Literal["concat", "document"] = "concat"  # concat: random windows over joined documents; document: one document per row, padded
+    packing: Literal["concat", "document", "stream"] = "concat"  # concat: random windows over joined documents; document: one document per row, padded; stream: each row reads a document segment by segment across steps (docs/long-documents.md)
+    segments_per_document: int = 32  # stream packing: at most this many context_length segments per document per epoch
     text_key: str = "text"  # field holding the text in .jsonl files
     workers: int = 0  # processes that tokenize when shards are prepared; 0 = every core (shards are the same either way)
 

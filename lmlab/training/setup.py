@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from lmlab.config import total_steps
-from lmlab.data.batches import Batches, FixedBatches, unigram_loss
+from lmlab.data.batches import Batches, unigram_loss
 from lmlab.data.corpora import ensure_data
 from lmlab.data.curriculum import Curriculum
 from lmlab.device import grad_scaler, resolve_device, resolve_precision
@@ -196,12 +196,13 @@ def _batches(run):
     """(train batches, the whole fixed validation subset); run.val_batches gets this rank's share of the subset."""
     t, context = run.config.train, run.config.model.context_length
     pinned = run.device.type == "cuda"  # page-locked batches: the copy to the GPU overlaps the step
-    train_batches = Batches(run.shards_dir, "train", t.batch_size, context,
-                            packing=run.config.data.packing, seed=t.seed, pin_memory=pinned)
-    all_val = Batches(run.shards_dir, "val", t.batch_size, context,
-                      packing=run.config.data.packing, seed=t.seed, pin_memory=pinned).fixed(t.eval_batches)
-    parallel = run.parallel
-    run.val_batches = FixedBatches(all_val.batches, all_val.picks[parallel.rank::parallel.world_size])
+    d = run.config.data
+    train_batches = Batches(run.shards_dir, "train", t.batch_size, context, packing=d.packing, seed=t.seed,
+                            pin_memory=pinned, segments_per_document=d.segments_per_document,
+                            streams=t.batch_size * t.grad_accum)
+    all_val = Batches(run.shards_dir, "val", t.batch_size, context, packing=d.packing, seed=t.seed,
+                      pin_memory=pinned, segments_per_document=d.segments_per_document).fixed(t.eval_batches)
+    run.val_batches = all_val.for_rank(run.parallel.rank, run.parallel.world_size)
     return train_batches, all_val
 
 
