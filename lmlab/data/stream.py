@@ -25,8 +25,6 @@ Design choices:
   Under torchrun each rank takes its share of the rows, for every micro-batch.
 """
 
-import functools
-
 import numpy as np
 import torch
 
@@ -50,13 +48,18 @@ class Streams:
         lengths = batches.doc_end - batches.doc_begin  # tokens, the eot after the document included
         per_doc = -(-(lengths - 1) // batches.context_length)  # segments that cover every target
         self.segments = np.clip(per_doc, 1, segments_per_document).astype(np.int64)
+        self._orders = {}  # epoch -> shuffled documents
         self._rows = {}  # row -> [(epoch docs, cumulative segments)], grown as the row reads on
 
-    @functools.lru_cache(maxsize=4)
     def _order(self, epoch):
-        n = len(self.segments)
-        seed = self.batches.seed
-        return np.random.default_rng([seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        """The documents of `epoch` in reading order (kept for the last few epochs asked for)."""
+        if epoch not in self._orders:
+            n = len(self.segments)
+            self._orders[epoch] = (np.random.default_rng([self.batches.seed, epoch]).permutation(n)
+                                   if self.shuffle else np.arange(n))
+            while len(self._orders) > 4:
+                self._orders.pop(next(iter(self._orders)))
+        return self._orders[epoch]
 
     def _epoch(self, row, epoch):
         docs = self._order(epoch)[row % len(self.segments)::self.streams]
