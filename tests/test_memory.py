@@ -13,7 +13,8 @@ T = 16
 
 def pair(memory=T, **switches):
     """(model with memory over T-token segments, the same weights as a plain model of context 2T)."""
-    config = ModelConfig(vocab_size=97, context_length=T, d_model=32, n_layers=2, n_heads=4, memory=memory, **switches)
+    shape = {"vocab_size": 97, "context_length": T, "d_model": 32, "n_layers": 2, "n_heads": 4, **switches}
+    config = ModelConfig(memory=memory, **shape)
     torch.manual_seed(0)
     model = Transformer(config).eval()
     plain = Transformer(dataclasses.replace(config, context_length=2 * T, memory=0)).eval()
