@@ -69,6 +69,7 @@ class ModelConfig:
     key_norm: bool = False  # KeyNorm: keys L2-normalised per head, logits = scale * q.k/|k| instead of q.k/sqrt(head_dim)
     key_norm_scale: float = 0.0  # KeyNorm logit scale: > 0 fixed; 0 = learned, one per head, starting at 1
     bias: bool = False  # biases in the attention and feed-forward projections (and LayerNorm); never in lm_head
+    memory: int = 0  # Transformer-XL memory: keys/values of each row's last M tokens carried to its next segment (needs data.packing = stream); 0 = off
     init_from: str = ""  # local Hugging Face Llama / Qwen3 folder to start from (its architecture and weights)
 
     def resolved(self, vocab_size=0):
@@ -94,7 +95,8 @@ class DataConfig:
     special_tokens: list[str] = field(default_factory=list)  # extra special tokens (one id each, longest match wins), e.g. ["<|im_start|>", "<|im_end|>"]; <|endoftext|> is always one
     shards: str = ""  # directory of prepared shards; "" = prepare them and cache them
     cache_dir: str = ""  # where built tokenizers and shards are cached; "" = $LMLAB_CACHE or ~/.cache/lmlab
-    packing: Literal["concat", "document"] = "concat"  # concat: random windows over joined documents; document: one document per row, padded
+    packing: Literal["concat", "document", "stream"] = "concat"  # concat: random windows over joined documents; document: one document per row, padded; stream: each row reads a document segment by segment across steps (docs/long-documents.md)
+    segments_per_document: int = 32  # stream packing: at most this many context_length segments per document per epoch
     text_key: str = "text"  # field holding the text in .jsonl files
     workers: int = 0  # processes that tokenize when shards are prepared; 0 = every core (shards are the same either way)
 
@@ -392,6 +394,7 @@ def validate(config):
     _check_numbers(config)
     _check_model(config.model)
     _check_budget_and_data(config)
+    _check_stream(config)
 
 
 def _check_numbers(config):
@@ -443,6 +446,24 @@ def _check_model(m):
         raise LmlabError(f"model.key_norm_scale must be >= 0 (0 = learned), got {m.key_norm_scale}")
     if m.d_ff < 0 or m.vocab_size < 0:
         raise LmlabError("model.d_ff and model.vocab_size must be >= 0 (0 = derive them)")
+    if m.memory < 0:
+        raise LmlabError(f"model.memory must be >= 0 tokens (0 = no memory across segments), got {m.memory}")
+    if m.memory and m.position == "learned":
+        raise LmlabError("model.memory needs relative positions (model.position = rope or nope): learned absolute "
+                         "positions cannot continue across segments")
+
+
+def _check_stream(config):
+    """data.packing = stream and model.memory (docs/long-documents.md)."""
+    d, m, t = config.data, config.model, config.train
+    if d.segments_per_document < 1:
+        raise LmlabError(f"data.segments_per_document must be >= 1, got {d.segments_per_document}")
+    if m.memory and d.packing != "stream":
+        raise LmlabError(f"model.memory={m.memory} needs data.packing = \"stream\" (with packing={d.packing} a row's "
+                         "next segment is not the continuation of its last one, so there is nothing to remember)")
+    if d.packing == "stream" and t.context_schedule.strip():
+        raise LmlabError("train.context_schedule cannot be used with data.packing = stream: segments are "
+                         "model.context_length tokens throughout")
 
 
 def _check_budget_and_data(config):

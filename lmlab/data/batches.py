@@ -14,6 +14,7 @@ import torch
 
 from lmlab.data import integrity
 from lmlab.data.shards import load_meta
+from lmlab.data.stream import Streams, StreamSubset
 from lmlab.errors import LmlabError
 
 IGNORE = -100  # target at padding positions; cross_entropy skips it
@@ -43,6 +44,9 @@ class Batches:
     documents (a window never crosses a shard end). packing="document": each row is
     one random document from its start, cut to context_length+1 tokens and padded
     with pad_id; targets at padding are -100 and the eot after the document is a target.
+    packing="stream": each row reads one document in consecutive segments across
+    steps (lmlab/data/stream.py); `streams` is the number of rows in a whole step
+    (batch_size x grad_accum), and batches carry a `new_doc` flag per row.
 
     pin_memory=True returns page-locked host tensors, so that a CUDA copy with
     non_blocking=True is asynchronous and overlaps the step (it needs CUDA).
@@ -51,12 +55,12 @@ class Batches:
     """
 
     def __init__(self, shards_dir, split, batch_size, context_length, packing="concat", seed=0, rank=0, world_size=1,
-                 pin_memory=False):
+                 pin_memory=False, segments_per_document=32, streams=0):
         meta = load_meta(shards_dir)
         if split not in meta["splits"]:
             raise LmlabError(f"no split {split!r} in {shards_dir}; splits: {', '.join(meta['splits'])}")
-        if packing not in ("concat", "document"):
-            raise LmlabError(f"packing must be concat or document, got {packing!r}")
+        if packing not in ("concat", "document", "stream"):
+            raise LmlabError(f"packing must be concat, document or stream, got {packing!r}")
         if seed < 0 or not 0 <= rank < world_size:
             raise LmlabError(f"need seed >= 0 and 0 <= rank < world_size, got seed={seed} rank={rank} world_size={world_size}")
         if pin_memory and not torch.cuda.is_available():
@@ -90,6 +94,8 @@ class Batches:
             if not shard_of or sum(len(s) for s in shard_of) == 0:
                 raise LmlabError(f"the {split} split of {directory} has no documents")
             self.doc_shard, self.doc_begin, self.doc_end = map(np.concatenate, (shard_of, begin, end))
+        if packing == "stream":
+            self.stream = Streams(self, segments_per_document, streams or batch_size)
 
     def _rows(self, picks):
         """Tensors (x, y) for global window starts (concat) or document indices (document), pinned if asked."""
@@ -124,14 +130,21 @@ class Batches:
 
     def get(self, step, micro=0):
         """The micro-batch for (step, micro): a function of (seed, step, micro, rank) only."""
+        if self.packing == "stream":  # micro is the global micro-batch index (training/step.py)
+            return self.stream.get(step, micro)
         rng = np.random.default_rng([self.seed, step, micro, self.rank])
         return self._rows(rng.integers(0, self._population(), size=self.batch_size))
 
     def fixed(self, n_batches):
         """The fixed validation subset: n micro-batches, independent of the seed (this rank's share of them).
 
-        concat: windows evenly spaced over the whole split; document: the first documents.
+        concat: windows evenly spaced over the whole split; document: the first documents;
+        stream: n consecutive segments of batch_size rows reading the documents in file order.
         """
+        if self.packing == "stream":
+            subset = StreamSubset(Streams(self, self.stream.cap, self.batch_size, shuffle=False), n_batches,
+                                  range(self.batch_size))
+            return subset.for_rank(self.rank, self.world_size)
         count, population = n_batches * self.batch_size, self._population()
         if self.packing == "concat":
             picks = np.arange(count, dtype=np.int64) * population // count
@@ -151,6 +164,10 @@ class FixedBatches:
 
     def __iter__(self):
         return (self.batches._rows(p) for p in self.picks)
+
+    def for_rank(self, rank, world_size):
+        """This rank's share of the subset under torchrun."""
+        return FixedBatches(self.batches, self.picks[rank::world_size])
 
 
 def unigram_loss(train, val_batches, max_tokens=50_000_000):

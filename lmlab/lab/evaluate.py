@@ -209,5 +209,6 @@ def _val_subset(target, log, device, precision):
     config = target.config
     t = config.train
     batches = Batches(_run_data(target, log), "val", t.batch_size, config.model.context_length,
-                      packing=config.data.packing, seed=t.seed).fixed(t.eval_batches)
+                      packing=config.data.packing, seed=t.seed,
+                      segments_per_document=config.data.segments_per_document).fixed(t.eval_batches)
     return perplexity.batches_perplexity(target.model, target.tokenizer, batches, device=device, precision=precision)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lmlab.config import ModelConfig
+from lmlab.model.memory import Memory
 from lmlab.model.layers import NORMS, RMSNorm, apply_rope, attend, make_ffn, make_norm, rope_tables
 
 
@@ -99,7 +100,7 @@ class Attention(nn.Module):
         self.key_scale = nn.Parameter(torch.ones(self.n_heads)) if learned_scale else None
         self.backend = "sdpa"  # train.attention: sdpa, eager, flash_attn, xformers (lmlab.model.layers.attend)
 
-    def forward(self, x, rope=None, kv_cache=None, layer=0, attn_mask=None):
+    def forward(self, x, rope=None, kv_cache=None, layer=0, attn_mask=None, memory=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -111,7 +112,9 @@ class Attention(nn.Module):
             k = F.normalize(k.float(), dim=-1).to(q.dtype)
             if self.key_scale is not None:
                 q = q * self.key_scale.view(1, -1, 1, 1).to(q.dtype)
-        if rope is not None:
+        if memory is not None:  # model.memory: the previous segment's keys and values too (lmlab.model.memory)
+            q, k, v, attn_mask = memory.join(layer, q, k, v)
+        elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # Without a cache (training) or at the start of one, queries and keys
         # cover the same positions and is_causal is the mask. Otherwise the T
@@ -145,13 +148,13 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.post_norm = config.norm_position == "post"
 
-    def forward(self, x, rope=None, kv_cache=None, layer=0, attn_mask=None):
+    def forward(self, x, rope=None, kv_cache=None, layer=0, attn_mask=None, memory=None):
         if self.post_norm:
             # z = Norm(x + Attn(x)), y = Norm(z + FFN(z)): the residual stream
             # itself is normalised after every sublayer (Vaswani et al., 2017).
-            x = self.input_layernorm(x + self.resid_dropout(self.self_attn(x, rope, kv_cache, layer, attn_mask)))
+            x = self.input_layernorm(x + self.resid_dropout(self.self_attn(x, rope, kv_cache, layer, attn_mask, memory)))
             return self.post_attention_layernorm(x + self.resid_dropout(self.mlp(x)))
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, kv_cache, layer, attn_mask))
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, kv_cache, layer, attn_mask, memory))
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -180,7 +183,8 @@ class Transformer(nn.Module):
         self.rope = config.position == "rope"
         if self.rope:
             assert self.head_dim % 2 == 0, "RoPE rotates pairs of features: head_dim must be even"
-            cos, sin = rope_tables(self.head_dim, config.context_length, config.rope_theta)
+            positions = config.context_length + config.memory  # model.memory: the memory's slots come first
+            cos, sin = rope_tables(self.head_dim, positions, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -222,8 +226,11 @@ class Transformer(nn.Module):
             nn.init.normal_(block.self_attn.o_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=residual_std)
 
-    def forward(self, input_ids, kv_cache=None, targets=None):
+    def forward(self, input_ids, kv_cache=None, targets=None, memory=None):
         """Logits (B, T, vocab) for input_ids (B, T); with a cache, at positions cache.pos.. .
+
+        With a Memory (model.memory, `new_memory`), the segment also attends to the
+        row's previous tokens kept there, and leaves its own last tokens in it.
 
         With targets (B, T), the mean fp32 cross-entropy over targets that are
         not -100 instead, i.e. lm_loss(logits, targets), chunked when loss_chunk > 0.
@@ -236,12 +243,17 @@ class Transformer(nn.Module):
                 raise ValueError(f"KV cache overflow: {kv_cache.pos} positions cached + {T} new > max_len {kv_cache.max_len}")
             if B != kv_cache.batch_size:
                 raise ValueError(f"batch size {B} does not match the KV cache's {kv_cache.batch_size}")
+        if memory is not None and (kv_cache is not None or B != memory.batch_size):
+            raise ValueError(f"a Memory of {memory.batch_size} rows needs a batch of as many rows and no KV cache")
         if end > self.config.context_length:
             raise ValueError(
                 f"positions up to {end} requested, but the model's context_length is {self.config.context_length}; "
                 "crop the input to the last context_length tokens"
             )
         rope = (self.rope_cos[start:end], self.rope_sin[start:end]) if self.rope else None
+        if memory is not None:
+            rope = (self.rope_cos[:memory.size + T], self.rope_sin[:memory.size + T]) if self.rope else None
+            memory = memory.segment(T, rope)
         attn_mask = None
         if kv_cache is not None and start > 0 and T > 1:
             # Query i (at position start + i) may see keys 0 .. start + i.
@@ -257,12 +269,14 @@ class Transformer(nn.Module):
         recompute = self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.layers):
             if recompute:
-                x = checkpoint(block, x, rope, None, i, attn_mask, use_reentrant=False)
+                x = checkpoint(block, x, rope, None, i, attn_mask, memory, use_reentrant=False)
             else:
-                x = block(x, rope, kv_cache, i, attn_mask)
+                x = block(x, rope, kv_cache, i, attn_mask, memory)
         x = self.norm(x)
         if kv_cache is not None:
             kv_cache.pos = end
+        if memory is not None:
+            memory.memory.commit(T)
         if targets is None:
             return self.lm_head(x)
         if self.loss_chunk:
@@ -279,6 +293,13 @@ class Transformer(nn.Module):
             self.config.n_layers, batch_size, self.n_kv_heads, max_len, self.head_dim,
             device=device or weight.device, dtype=dtype or weight.dtype,
         )
+
+    def new_memory(self, batch_size, device=None):
+        """An empty Memory of model.memory tokens per row (lmlab.model.memory), or None when model.memory = 0."""
+        if not self.config.memory:
+            return None
+        return Memory(self.config.memory, self.config.n_layers, batch_size, self.n_kv_heads, self.head_dim,
+                      device=device or self.embed_tokens.weight.device)
 
     def num_params(self, non_embedding=False):
         """Parameter count; tied embeddings count once. non_embedding drops the embeddings and lm_head."""
@@ -322,6 +343,8 @@ class Transformer(nn.Module):
             switches.append("bias")
         if c.dropout:
             switches.append(f"dropout{c.dropout:g}")
+        if c.memory:
+            switches.append(f"memory{c.memory}")
         switches.append("tied" if c.tie_embeddings else "untied")
         head_dim = f" hd{self.head_dim}" if c.head_dim and c.head_dim * c.n_heads != c.d_model else ""
         return (

@@ -185,6 +185,8 @@ def save(run_dir, step, model, optimizer, scaler, fields, stateful=None, keep=2,
     weights = _weights(model, parallel.full_weights(model))
     optimizer_state = parallel.full_optimizer_state(model, optimizer)
     rngs = parallel.gather(rng_state())
+    states = {name: obj.state_dict() for name, obj in (stateful or {}).items()  # on every rank: some gather
+              if hasattr(obj, "state_dict")}
     if not parallel.is_main:
         return None
     root = Path(run_dir) / DIR
@@ -203,7 +205,7 @@ def save(run_dir, step, model, optimizer, scaler, fields, stateful=None, keep=2,
         record = {
             "format": FORMAT, "step": step, **{k: _jsonable(v) for k, v in fields.items()},
             "rng": rngs[0], **({"rng_ranks": rngs} if len(rngs) > 1 else {}), "optimizer": optimizer_part, "scaler": scaler.state_dict(),
-            "stateful": {name: obj.state_dict() for name, obj in (stateful or {}).items() if hasattr(obj, "state_dict")},
+            "stateful": states,
             "files": files,
         }
         (tmp / STATE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")

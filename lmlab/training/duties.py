@@ -30,6 +30,7 @@ import torch
 
 from lmlab.device import autocast
 from lmlab.evals import bpb
+from lmlab.model.memory import inner_model
 from lmlab.rundir.status import DIVERGED, INTERRUPTED
 from lmlab.training import perf
 from lmlab.training.distributed import Parallel
@@ -173,13 +174,19 @@ def evaluate(model, batches, precision, device, parallel=None):
     total, count = 0.0, 0
     rounds = max(parallel.max([len(batches)])[0], 1) if parallel.active else len(batches)
     own = list(batches)
+    memory = _eval_memory(model, own, device)
     for i in range(int(rounds)):
         if not own:
             break  # a rank without validation batches only happens with more ranks than eval_batches
-        x, y = own[min(i, len(own) - 1)]
+        batch = own[min(i, len(own) - 1)]
+        x, y = batch
         x, y = x.to(device), y.to(device)
         with autocast(precision, device):
-            loss = model(x, targets=y)
+            if memory is None:
+                loss = model(x, targets=y)
+            else:
+                memory.reset(batch.new_doc)
+                loss = model(x, targets=y, memory=memory)
         if i < len(own):
             n = int((y != -100).sum())
             total += loss.item() * n
@@ -187,6 +194,14 @@ def evaluate(model, batches, precision, device, parallel=None):
     model.train()
     total, count = parallel.sum([total, count])
     return total / max(count, 1)
+
+
+def _eval_memory(model, batches, device):
+    """With model.memory and stream batches: a fresh Memory, carried through the subset's consecutive segments."""
+    inner = inner_model(model)
+    if not getattr(inner.config, "memory", 0) or not batches or not hasattr(batches[0], "new_doc"):
+        return None
+    return inner.new_memory(len(batches[0][0]), device=device)
 
 
 class Throughput:

@@ -51,9 +51,9 @@ def prepare_model(model, config, device, precision=None):
             module.backend = t.attention
     forward = torch.compile(model) if t.compile else model
 
-    def step_fn(x, targets=None):
+    def step_fn(x, targets=None, **memory):  # memory=Memory with model.memory (lmlab.model.memory)
         with autocast(precision, device):
-            return forward(x, targets=targets)
+            return forward(x, targets=targets, **memory)
 
     step_fn.model = forward  # what step_fn runs (compiled or not), e.g. for evaluation code that wants logits
     return step_fn

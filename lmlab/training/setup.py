@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from lmlab.config import total_steps
-from lmlab.data.batches import Batches, FixedBatches, unigram_loss
+from lmlab.data.batches import Batches, unigram_loss
 from lmlab.data.corpora import ensure_data
 from lmlab.data.curriculum import Curriculum
 from lmlab.device import grad_scaler, resolve_device, resolve_precision
@@ -50,6 +50,7 @@ from lmlab.rundir.sinks import StatusLine, open_sinks
 from lmlab.training import checkpoint, perf, resume, schedules
 from lmlab.training.fastpaths import prepare_model
 from lmlab.training.faults import NonFiniteGuard
+from lmlab.training.memories import Memories
 from lmlab.training.norms import NormProbe
 from lmlab.training.optim import build_optimizer
 from lmlab.training.state import TrainState
@@ -98,6 +99,7 @@ class Run:
     checkpoints: Any = None  # when to save, and saving that warns instead of failing
     guard: Any = None  # NaN/inf loss or gradients: stop, or skip the batch
     stateful: dict | None = None  # the objects whose state_dict() goes into checkpoints
+    memories: Any = None  # model.memory: this rank's Transformer-XL memories (memories.py); None without
     progress: Any = None  # the tqdm bar (disabled without a terminal)
     plain_log: bool = False  # no terminal: evaluation lines go to the log, and a status line every print_every
 
@@ -200,12 +202,17 @@ def _batches(run):
     """(train batches, the whole fixed validation subset); run.val_batches gets this rank's share of the subset."""
     t, context = run.config.train, run.config.model.context_length
     pinned = run.device.type == "cuda"  # page-locked batches: the copy to the GPU overlaps the step
-    train_batches = Batches(run.shards_dir, "train", t.batch_size, context,
-                            packing=run.config.data.packing, seed=t.seed, pin_memory=pinned)
-    all_val = Batches(run.shards_dir, "val", t.batch_size, context,
-                      packing=run.config.data.packing, seed=t.seed, pin_memory=pinned).fixed(t.eval_batches)
-    parallel = run.parallel
-    run.val_batches = FixedBatches(all_val.batches, all_val.picks[parallel.rank::parallel.world_size])
+    d = run.config.data
+    train_batches = Batches(run.shards_dir, "train", t.batch_size, context, packing=d.packing, seed=t.seed,
+                            pin_memory=pinned, segments_per_document=d.segments_per_document,
+                            streams=t.batch_size * t.grad_accum)
+    all_val = Batches(run.shards_dir, "val", t.batch_size, context, packing=d.packing, seed=t.seed,
+                      pin_memory=pinned, segments_per_document=d.segments_per_document).fixed(t.eval_batches)
+    run.val_batches = all_val.for_rank(run.parallel.rank, run.parallel.world_size)
+    if d.packing == "stream" and train_batches.stream.longest() <= 1:
+        run.log(f"warning: no training document is longer than one segment of model.context_length={context} "
+                "tokens: data.packing = stream adds nothing over document packing (and model.memory has nothing "
+                "to carry)")
     return train_batches, all_val
 
 
@@ -253,6 +260,9 @@ def _bookkeeping(run, train_batches):
     run.checkpoints = checkpoint.Checkpointer(run.run_dir, config, train_batches.meta, run.log)
     run.guard = NonFiniteGuard(t.on_nonfinite, run.metrics, run.log)
     run.stateful = {"schedule": run.schedule, "stops": run.stops, "nonfinite": run.guard}
+    if config.model.memory:  # carried from step to step and saved in checkpoints
+        run.memories = Memories(run.model, t.batch_size, run.local_accum, run.parallel, run.device)
+        run.stateful["memory"] = run.memories
 
 
 def _restore_or_start(run, resumed):

@@ -73,10 +73,12 @@ def _forward_backward(run, step, progress):
     loss_sum = torch.zeros((), device=run.device)
     batches = run.curriculum.at(progress)  # the batches of this point of a train.context_schedule
     for micro in range(run.local_accum):
-        x, y = batches.get(step, run.parallel.global_micro(micro, run.local_accum))
+        batch = batches.get(step, run.parallel.global_micro(micro, run.local_accum))
+        x, y = batch
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        memory = {"memory": run.memories.for_batch(micro, batch)} if run.memories else {}  # model.memory (memories.py)
         with run.parallel.gradient_sync(run.forward_model, last=micro == run.local_accum - 1):  # no_sync until the last
-            loss = run.step_fn(x, targets=y) / run.local_accum  # autocast inside; fp32 loss, chunked by default
+            loss = run.step_fn(x, targets=y, **memory) / run.local_accum  # autocast inside; fp32 loss, chunked
             run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
     return run.parallel.mean(loss_sum), x  # the global batch's loss, the same on every rank

@@ -1,0 +1,40 @@
+"""The Transformer-XL memories of a run (model.memory): one per micro-batch of this rank, saved in checkpoints.
+
+Design choices:
+- Micro-batch m of a step always holds the same rows (data/stream.py), so it
+  gets its own Memory, carried from step to step; 1 process with grad_accum 2
+  and 2 processes with 1 keep the same memories for the same rows.
+- A checkpoint holds every rank's memories (gathered to rank 0, like the RNG
+  states), and each rank takes its own back on resume, so a resumed run
+  continues bit for bit. Restoring memories written by another number of
+  processes is refused: the rows would be dealt differently.
+"""
+
+from lmlab.errors import LmlabError
+
+
+class Memories:
+    """This rank's memories, one per local micro-batch; checkpointed as a `stateful` object."""
+
+    def __init__(self, model, batch_size, local_accum, parallel, device=None):
+        self.parallel = parallel
+        self.slots = [model.new_memory(batch_size, device=device) for _ in range(local_accum)]
+
+    def for_batch(self, micro, batch):
+        """The memory of local micro-batch `micro`, emptied on the rows of `batch` that start a document."""
+        memory = self.slots[micro]
+        memory.reset(batch.new_doc)
+        return memory
+
+    def state_dict(self):
+        """Every rank's memories on rank 0 (collective: every rank calls it)."""
+        return {"ranks": self.parallel.gather([m.state_dict() for m in self.slots])}
+
+    def load_state_dict(self, state):
+        ranks = state["ranks"]
+        if len(ranks) != self.parallel.world_size or len(ranks[self.parallel.rank]) != len(self.slots):
+            raise LmlabError(f"the checkpoint's model.memory state was written by {len(ranks)} process(es) with "
+                             f"{len(ranks[0])} micro-batch(es) each; resume with the same train.grad_accum and "
+                             "number of processes")
+        for memory, saved in zip(self.slots, ranks[self.parallel.rank]):
+            memory.load_state_dict(saved)
