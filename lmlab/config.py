@@ -337,6 +337,9 @@ def load_config(path=None, overrides=()):
     except UnicodeDecodeError:
         raise LmlabError(f"config file {path} is not UTF-8 text") from None
     raw.setdefault("name", path.stem if path.name != "config.toml" else path.parent.name)
+    train = raw.get("train")
+    if path.name == "config.toml" and isinstance(train, dict) and train.get("run_name") == path.parent.name:
+        train["run_name"] = ""  # a run's own config.toml: repeating it is a new run, under a new name
     config = from_dict(raw, source=str(path))
     apply_overrides(config, overrides)
     validate(config)

@@ -172,3 +172,48 @@ def test_an_imported_run_is_listed_as_imported_with_blank_training_columns(tiny_
     cells = dict(zip(header.split("\t"), row.split("\t")))
     assert cells["run"] == "imp" and cells["status"] == "imported", cells
     assert all(cells[c] == "-" for c in ("steps", "tokens", "time", "best val", "final val", "tok/s")), cells
+
+
+# ---------------------------------------------------------------- 7. a run name that exists
+
+
+def test_a_run_name_that_exists_is_refused_with_the_resume_command(tiny_run, small_corpus, data_cache, capsys):
+    ov = tiny_overrides(small_corpus, data_cache, tiny_run.parent) + ["train.run_name=tiny", "train.max_steps=2"]
+    before = sorted(p.name for p in tiny_run.parent.iterdir())
+    one_error_line(capsys, ["train", *ov], f"run directory {tiny_run} already exists",
+                   f"continue it with `lmlab train --resume {tiny_run}`", "or give another train.run_name")
+    assert sorted(p.name for p in tiny_run.parent.iterdir()) == before  # no tiny-2
+
+
+def test_repeating_a_run_from_its_config_toml_gets_a_new_name(tiny_run):
+    config = load_config(tiny_run / "config.toml", ["train.max_steps=1", "train.eval_every=0"])
+    assert config.train.run_name == ""  # the run's own name is not reused: a generated one follows
+    again = train(config, log=quiet)
+    assert again != tiny_run and again.parent == tiny_run.parent and again.name.startswith(config.name + "-")
+
+
+# ---------------------------------------------------------------- 12. a read-only runs folder
+
+
+def test_a_read_only_runs_folder_is_refused_before_any_data_is_built(small_corpus, tmp_path, capsys):
+    from ckpt_support import read_only
+
+    runs, cache = tmp_path / "ro", tmp_path / "fresh-cache"
+    runs.mkdir()
+    ov = tiny_overrides(small_corpus, cache, runs)
+    with read_only(runs):
+        err = one_error_line(capsys, ["train", *ov], f"cannot create a run in train.runs_dir: {runs} is not writable")
+    assert ".tmp" not in err
+    assert not cache.exists() or not any(cache.rglob("*.json"))  # no tokenizer, no shards were built
+
+
+def test_writing_into_a_read_only_folder_names_that_folder_not_a_temporary_one(tiny_run, small_corpus, tmp_path,
+                                                                               capsys):
+    from ckpt_support import read_only
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with read_only(ro):
+        err = one_error_line(capsys, ["prepare", str(small_corpus[0]), "--tokenizer", str(tiny_run),
+                                      "--out", str(ro / "shards")], f": {ro}")
+    assert err.endswith(f": {ro}") and ".tmp" not in err, err

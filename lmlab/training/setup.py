@@ -159,7 +159,7 @@ def _place(run):
 
 
 def _resume_and_data(run):
-    """The run to resume (None for a new one), checked before any data work; then the tokenizer and shards.
+    """The run to resume (None for a new one; its name and folder checked), before any data work; then the data.
 
     A resumed run must read the data it was trained on: that is checked here too, still before any write.
     """
@@ -167,6 +167,8 @@ def _resume_and_data(run):
     if config.model.init_from and not config.data.tokenizer:
         config.data.tokenizer = config.model.init_from  # a pretrained model reads with its own tokenizer
     resumed = resume.prepare(config, log=run.log)
+    if not resumed and run.parallel.is_main:
+        rundir.check_new_run_dir(config)  # a name taken or a folder not writable: said before the data is built
     with run.parallel.local_main_first():  # one process per machine builds the tokenizer and shards
         run.tokenizer, run.shards_dir = ensure_data(config.data, log=run.log)
     if resumed:
