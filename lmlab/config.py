@@ -510,18 +510,31 @@ def resolve_d_ff(model):
     return 64 * -(-int(8 * model.d_model / 3) // 64)
 
 
-def describe_keys():
-    """'section.key  default  comment' lines, read from the dataclass definitions above."""
+def describe_keys(config=None):
+    """'section.key = value' and comment lines, the comments read from the dataclass definitions above.
+
+    The values are `config`'s: `lmlab config --keys` passes the config `lmlab train`
+    would use (the quick-start preset, or --config, with the overrides), since
+    the bare dataclass defaults are what no run uses. No config: those defaults.
+    Values are written as TOML (`false`, `"rmsnorm"`), as a config file takes them.
+    """
     import inspect
 
+    config = config or Config()
     lines = []
     for section, cls in SECTIONS.items():
-        defaults = cls()
+        values = getattr(config, section)
         for source_line in inspect.getsource(cls).splitlines():
             name, sep, rest = source_line.strip().partition(":")
-            if not sep or name not in defaults.__dataclass_fields__:
+            if not sep or name not in values.__dataclass_fields__:
                 continue
             comment = rest.partition("#")[2].strip()
-            value = getattr(defaults, name)
-            lines.append(f"  {section}.{name} = {value!r}\n      {comment}")
+            lines.append(f"  {section}.{name} = {toml_value(getattr(values, name))}\n      {comment}")
     return "\n".join(lines)
+
+
+def toml_value(value):
+    """A value as TOML writes it: false, "rmsnorm", 0.001, ["a.txt"]."""
+    if isinstance(value, list):  # on one line (tomli_w puts each item on its own)
+        return "[" + ", ".join(map(toml_value, value)) + "]"
+    return tomli_w.dumps({"v": value}).partition("=")[2].strip()

@@ -217,3 +217,35 @@ def test_writing_into_a_read_only_folder_names_that_folder_not_a_temporary_one(t
         err = one_error_line(capsys, ["prepare", str(small_corpus[0]), "--tokenizer", str(tiny_run),
                                       "--out", str(ro / "shards")], f": {ro}")
     assert err.endswith(f": {ro}") and ".tmp" not in err, err
+
+
+# ---------------------------------------------------------------- 8. lmlab config --keys
+
+
+def _keys_output(capsys, *argv):
+    import tomllib
+
+    assert main(["config", "--keys", *argv]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    values = {}
+    for line in lines[1:]:
+        if line.startswith("  ") and not line.startswith("      "):
+            key, _, value = line.strip().partition(" = ")
+            values[key] = tomllib.loads(f"v = {value}")["v"]  # every value is valid TOML
+    return lines[0], values
+
+
+def test_config_keys_shows_what_lmlab_train_would_use_as_toml(capsys):
+    from lmlab.config import all_keys, flat_keys
+
+    header, values = _keys_output(capsys)
+    assert "cpu-quickstart" in header
+    assert set(values) == set(all_keys()) - {"name"}
+    assert values == {k: v for k, v in flat_keys(load_config(None)).items() if k != "name"}
+    assert values["model.context_length"] == 128 and values["model.d_model"] == 128  # not the dataclass's 256
+    assert values["train.max_steps"] == 1200 and values["model.norm"] == "rmsnorm" and values["model.bias"] is False
+
+
+def test_config_keys_honours_config_and_overrides(capsys):
+    _, values = _keys_output(capsys, "--config", "tinystories-17m", "optim.lr=0.005")
+    assert values["model.d_model"] == 512 and values["optim.lr"] == 0.005
