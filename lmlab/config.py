@@ -483,6 +483,28 @@ def validate_schedule(config):
     parse_context_schedule(t.context_schedule, config.model.context_length, t.batch_size)
 
 
+def absolute_inputs(config):
+    """Make the paths a run reads (data files, tokenizer, shards, cache, init_from) absolute, in place; returns config.
+
+    config.toml promises that `lmlab train --config RUN/config.toml` repeats the
+    run; with `tokenizer = "tok"` it would only do so from the folder the run was
+    started in. Relative paths mean the current folder when the run starts, so
+    they are fixed there (os.path.abspath: symlinks kept as given). Outputs
+    (train.runs_dir) stay relative: a repeat writes where it is started.
+    """
+    import os
+
+    def absolute(path):
+        return os.path.abspath(os.path.expanduser(path)) if path else path
+
+    d, m = config.data, config.model
+    d.train_files = [absolute(f) for f in d.train_files]
+    d.val_files = [absolute(f) for f in d.val_files]
+    d.tokenizer, d.shards, d.cache_dir = absolute(d.tokenizer), absolute(d.shards), absolute(d.cache_dir)
+    m.init_from = absolute(m.init_from)
+    return config
+
+
 def total_steps(config):
     """Optimizer steps of the run: max_tokens (when set) converted to steps, else max_steps.
 

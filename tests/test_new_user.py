@@ -249,3 +249,32 @@ def test_config_keys_shows_what_lmlab_train_would_use_as_toml(capsys):
 def test_config_keys_honours_config_and_overrides(capsys):
     _, values = _keys_output(capsys, "--config", "tinystories-17m", "optim.lr=0.005")
     assert values["model.d_model"] == 512 and values["optim.lr"] == 0.005
+
+
+# ---------------------------------------------------------------- 11. config.toml from another folder
+
+
+def test_a_run_config_with_relative_inputs_repeats_from_another_folder(tiny_run, small_corpus, tmp_path,
+                                                                         monkeypatch, capsys):
+    import shutil
+
+    import tomllib
+
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    (start / "tok").mkdir(parents=True)
+    elsewhere.mkdir()
+    shutil.copy(tiny_run / "tokenizer.json", start / "tok" / "tokenizer.json")
+    shutil.copy(small_corpus[0], start / "train.txt")
+    monkeypatch.chdir(start)
+    assert main(["prepare", "train.txt", "--tokenizer", "tok", "--out", "shards", "--val-fraction", "0.1"]) == 0
+    small = ["model.context_length=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+             "train.batch_size=8", "train.eval_batches=2", "train.eval_every=0", "train.sample_tokens=2",
+             "train.device=cpu", "optim.warmup_steps=1", "train.runs_dir=runs", "train.run_name=own"]
+    assert main(["train", "data.corpus=", "data.tokenizer=tok", "data.shards=shards", "train.max_steps=2", *small]) == 0
+    config_toml = start / "runs" / "own" / "config.toml"
+    data = tomllib.loads(config_toml.read_text())["data"]
+    assert data["tokenizer"] == str(start / "tok") and data["shards"] == str(start / "shards")
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--config", str(config_toml), "train.max_steps=1"]) == 0, capsys.readouterr().err
+    assert len(list((elsewhere / "runs").iterdir())) == 1  # outputs go where the repeat was started

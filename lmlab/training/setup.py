@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lmlab.config import total_steps
+from lmlab.config import absolute_inputs, total_steps
 from lmlab.data.batches import Batches, FixedBatches, unigram_loss
 from lmlab.data.corpora import ensure_data
 from lmlab.data.curriculum import Curriculum
@@ -163,7 +163,7 @@ def _resume_and_data(run):
 
     A resumed run must read the data it was trained on: that is checked here too, still before any write.
     """
-    config = run.config
+    config = absolute_inputs(run.config)  # config.toml works from any folder (config.absolute_inputs)
     if config.model.init_from and not config.data.tokenizer:
         config.data.tokenizer = config.model.init_from  # a pretrained model reads with its own tokenizer
     resumed = resume.prepare(config, log=run.log)
