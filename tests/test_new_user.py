@@ -257,7 +257,6 @@ def test_config_keys_honours_config_and_overrides(capsys):
 def test_a_run_config_with_relative_inputs_repeats_from_another_folder(tiny_run, small_corpus, tmp_path,
                                                                          monkeypatch, capsys):
     import shutil
-
     import tomllib
 
     start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
@@ -278,3 +277,36 @@ def test_a_run_config_with_relative_inputs_repeats_from_another_folder(tiny_run,
     capsys.readouterr()
     assert main(["train", "--config", str(config_toml), "train.max_steps=1"]) == 0, capsys.readouterr().err
     assert len(list((elsewhere / "runs").iterdir())) == 1  # outputs go where the repeat was started
+
+
+# ---------------------------------------------------------------- 3. the README's Python example
+
+
+def test_the_readme_python_example_runs_as_written(small_corpus, data_cache, tmp_path, monkeypatch, capsys):
+    """The README's ```python block, executed verbatim in a fresh namespace.
+
+    Only load_config is wrapped, to append the tiny-model overrides after the
+    README's own (2 steps instead of 300 of the quick-start model), so the test
+    takes seconds; every name the block uses must be defined by the block.
+    """
+    import re
+    from pathlib import Path
+
+    import lmlab
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) == 1
+    real = lmlab.load_config
+    tiny = tiny_overrides(small_corpus, data_cache, tmp_path / "runs") + [
+        "train.max_steps=2", "train.eval_every=0", "train.sample_tokens=2", "optim.warmup_steps=1"]
+    monkeypatch.setattr(lmlab, "load_config", lambda path=None, overrides=(): real(path, [*overrides, *tiny]))
+    capsys.readouterr()
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    story, run = namespace["story"], namespace["run"]
+    assert isinstance(story, str) and not story.startswith("Once upon a time")  # the new text only
+    assert out.splitlines()[-1 - story.count("\n")].startswith("Once upon a time")
+    assert namespace["logits"].shape == (1, namespace["input_ids"].shape[1], run.config.model.vocab_size)
+    assert "generate() returns only the text written after the prompt" in blocks[0]
