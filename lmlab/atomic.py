@@ -20,12 +20,27 @@ def current_umask():
     return mask
 
 
+def temp_dir(parent, prefix):
+    """mkdtemp in `parent`; a refusal (read-only, no permission, full) names `parent`, the folder the user gave.
+
+    mkdtemp's own OSError names the random temporary path it tried
+    (`ro/.shards.tmp-0819_wtl`), which tells the user nothing they can act on.
+    """
+    try:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(parent)) from None
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path; on success it is fsynced and renamed to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # name the folder, not the temporary file that could not be made (see temp_dir)
+        raise OSError(e.errno, e.strerror, str(path.parent)) from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -52,7 +67,10 @@ def atomic_dir(target):
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise LmlabError(f"{target} already exists; give a new directory (nothing was overwritten)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as e:  # name the folder, not the temporary one (see temp_dir)
+        raise OSError(e.errno, e.strerror, str(target.parent)) from None
     try:
         yield tmp
         # mkdtemp, mkstemp and safetensors make private (0600 / 0700) files; a

@@ -131,17 +131,22 @@ BENCH = Verb(
 
 def config_verb_flags(p):
     config_flags(p)
-    p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--keys", action="store_true",
+                   help="list every config key with its meaning and the value lmlab train would use with the same "
+                        "--config and overrides (default: the quick-start preset)")
 
 
 def run_config(args):
     from lmlab.config import describe_keys, load_config, to_toml
 
-    print(describe_keys() if args.keys else to_toml(load_config(args.config, args.overrides)), end="\n")
+    config = load_config(args.config, args.overrides)
+    if args.keys:
+        print(f"# {config.name}: every key, the value lmlab train would use, and what it means")
+    print(describe_keys(config) if args.keys else to_toml(config), end="\n")
 
 
-CONFIG = Verb("config", "print the resolved config, or every key with --keys", config_verb_flags, run_config,
-              epilog=EPILOG_OVERRIDES)
+CONFIG = Verb("config", "print the resolved config, or every key with its meaning (--keys)", config_verb_flags,
+              run_config, epilog=EPILOG_OVERRIDES)
 
 
 # ---------------------------------------------------------------- lmlab tokenizer train

@@ -352,6 +352,9 @@ def load_config(path=None, overrides=()):
     except UnicodeDecodeError:
         raise LmlabError(f"config file {path} is not UTF-8 text") from None
     raw.setdefault("name", path.stem if path.name != "config.toml" else path.parent.name)
+    train = raw.get("train")
+    if path.name == "config.toml" and isinstance(train, dict) and train.get("run_name") == path.parent.name:
+        train["run_name"] = ""  # a run's own config.toml: repeating it is a new run, under a new name
     config = from_dict(raw, source=str(path))
     apply_overrides(config, overrides)
     validate(config)
@@ -530,6 +533,28 @@ def validate_schedule(config):
     parse_context_schedule(t.context_schedule, config.model.context_length, t.batch_size)
 
 
+def absolute_inputs(config):
+    """Make the paths a run reads (data files, tokenizer, shards, cache, init_from) absolute, in place; returns config.
+
+    config.toml promises that `lmlab train --config RUN/config.toml` repeats the
+    run; with `tokenizer = "tok"` it would only do so from the folder the run was
+    started in. Relative paths mean the current folder when the run starts, so
+    they are fixed there (os.path.abspath: symlinks kept as given). Outputs
+    (train.runs_dir) stay relative: a repeat writes where it is started.
+    """
+    import os
+
+    def absolute(path):
+        return os.path.abspath(os.path.expanduser(path)) if path else path
+
+    d, m = config.data, config.model
+    d.train_files = [absolute(f) for f in d.train_files]
+    d.val_files = [absolute(f) for f in d.val_files]
+    d.tokenizer, d.shards, d.cache_dir = absolute(d.tokenizer), absolute(d.shards), absolute(d.cache_dir)
+    m.init_from = absolute(m.init_from)
+    return config
+
+
 def total_steps(config):
     """Optimizer steps of the run: max_tokens (when set) converted to steps, else max_steps.
 
@@ -557,18 +582,31 @@ def resolve_d_ff(model):
     return 64 * -(-int(8 * model.d_model / 3) // 64)
 
 
-def describe_keys():
-    """'section.key  default  comment' lines, read from the dataclass definitions above."""
+def describe_keys(config=None):
+    """'section.key = value' and comment lines, the comments read from the dataclass definitions above.
+
+    The values are `config`'s: `lmlab config --keys` passes the config `lmlab train`
+    would use (the quick-start preset, or --config, with the overrides), since
+    the bare dataclass defaults are what no run uses. No config: those defaults.
+    Values are written as TOML (`false`, `"rmsnorm"`), as a config file takes them.
+    """
     import inspect
 
+    config = config or Config()
     lines = []
     for section, cls in SECTIONS.items():
-        defaults = cls()
+        values = getattr(config, section)
         for source_line in inspect.getsource(cls).splitlines():
             name, sep, rest = source_line.strip().partition(":")
-            if not sep or name not in defaults.__dataclass_fields__:
+            if not sep or name not in values.__dataclass_fields__:
                 continue
             comment = rest.partition("#")[2].strip()
-            value = getattr(defaults, name)
-            lines.append(f"  {section}.{name} = {value!r}\n      {comment}")
+            lines.append(f"  {section}.{name} = {toml_value(getattr(values, name))}\n      {comment}")
     return "\n".join(lines)
+
+
+def toml_value(value):
+    """A value as TOML writes it: false, "rmsnorm", 0.001, ["a.txt"]."""
+    if isinstance(value, list):  # on one line (tomli_w puts each item on its own)
+        return "[" + ", ".join(map(toml_value, value)) + "]"
+    return tomli_w.dumps({"v": value}).partition("=")[2].strip()

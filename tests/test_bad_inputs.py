@@ -229,8 +229,15 @@ def read_only_run_directory(c):
 
 def read_only_runs_directory(c):
     (c.tmp / "new-runs").mkdir()
-    return Case(["train", *c.ov], [": " + str(c.tmp / "new-runs")], within=read_only(c.tmp / "new-runs"),
+    return Case(["train", *c.ov], [f"cannot create a run in train.runs_dir: {c.tmp / 'new-runs'} is not writable"],
+                within=read_only(c.tmp / "new-runs"),
                 check=lambda: not any((c.tmp / "new-runs").iterdir()))
+
+
+def run_name_taken(c):
+    return Case(["train", *c.ov, f"train.runs_dir={c.run.parent}", "train.run_name=run"],
+                [f"run directory {c.run} already exists; continue it with `lmlab train --resume {c.run}`"],
+                unchanged=c.run.parent)
 
 
 def resume_missing_run(c):
@@ -295,7 +302,7 @@ CASES = [corrupt_checkpoint, truncated_checkpoint, corrupt_state_json, incomplet
          newest_checkpoint_damaged, tokenizer_changed, training_files_changed, model_shape_changed,
          context_longer_than_the_model, batch_changed_on_resume, negative_lr, non_numeric_lr, nan_lr,
          no_accumulation, parallel_without_torchrun, accumulation_not_divisible, empty_validation_split, truncated_shard, read_only_run_directory, read_only_runs_directory,
-         resume_missing_run, resume_not_a_run, resume_auto_without_a_name, resume_a_finished_run,
+         run_name_taken, resume_missing_run, resume_not_a_run, resume_auto_without_a_name, resume_a_finished_run,
          resume_without_checkpoints, unknown_nonfinite_policy, negative_checkpoint_every, full_disk]
 
 

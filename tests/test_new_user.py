@@ -172,3 +172,141 @@ def test_an_imported_run_is_listed_as_imported_with_blank_training_columns(tiny_
     cells = dict(zip(header.split("\t"), row.split("\t")))
     assert cells["run"] == "imp" and cells["status"] == "imported", cells
     assert all(cells[c] == "-" for c in ("steps", "tokens", "time", "best val", "final val", "tok/s")), cells
+
+
+# ---------------------------------------------------------------- 7. a run name that exists
+
+
+def test_a_run_name_that_exists_is_refused_with_the_resume_command(tiny_run, small_corpus, data_cache, capsys):
+    ov = tiny_overrides(small_corpus, data_cache, tiny_run.parent) + ["train.run_name=tiny", "train.max_steps=2"]
+    before = sorted(p.name for p in tiny_run.parent.iterdir())
+    one_error_line(capsys, ["train", *ov], f"run directory {tiny_run} already exists",
+                   f"continue it with `lmlab train --resume {tiny_run}`", "or give another train.run_name")
+    assert sorted(p.name for p in tiny_run.parent.iterdir()) == before  # no tiny-2
+
+
+def test_repeating_a_run_from_its_config_toml_gets_a_new_name(tiny_run):
+    config = load_config(tiny_run / "config.toml", ["train.max_steps=1", "train.eval_every=0"])
+    assert config.train.run_name == ""  # the run's own name is not reused: a generated one follows
+    again = train(config, log=quiet)
+    assert again != tiny_run and again.parent == tiny_run.parent and again.name.startswith(config.name + "-")
+
+
+# ---------------------------------------------------------------- 12. a read-only runs folder
+
+
+def test_a_read_only_runs_folder_is_refused_before_any_data_is_built(small_corpus, tmp_path, capsys):
+    from ckpt_support import read_only
+
+    runs, cache = tmp_path / "ro", tmp_path / "fresh-cache"
+    runs.mkdir()
+    ov = tiny_overrides(small_corpus, cache, runs)
+    with read_only(runs):
+        err = one_error_line(capsys, ["train", *ov], f"cannot create a run in train.runs_dir: {runs} is not writable")
+    assert ".tmp" not in err
+    assert not cache.exists() or not any(cache.rglob("*.json"))  # no tokenizer, no shards were built
+
+
+def test_writing_into_a_read_only_folder_names_that_folder_not_a_temporary_one(tiny_run, small_corpus, tmp_path,
+                                                                               capsys):
+    from ckpt_support import read_only
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with read_only(ro):
+        err = one_error_line(capsys, ["prepare", str(small_corpus[0]), "--tokenizer", str(tiny_run),
+                                      "--out", str(ro / "shards")], f": {ro}")
+    assert err.endswith(f": {ro}") and ".tmp" not in err, err
+
+
+# ---------------------------------------------------------------- 8. lmlab config --keys
+
+
+def _keys_output(capsys, *argv):
+    import tomllib
+
+    assert main(["config", "--keys", *argv]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    values = {}
+    for line in lines[1:]:
+        if line.startswith("  ") and not line.startswith("      "):
+            key, _, value = line.strip().partition(" = ")
+            values[key] = tomllib.loads(f"v = {value}")["v"]  # every value is valid TOML
+    return lines[0], values
+
+
+def test_config_keys_shows_what_lmlab_train_would_use_as_toml(capsys):
+    from lmlab.config import all_keys, flat_keys
+
+    header, values = _keys_output(capsys)
+    assert "cpu-quickstart" in header
+    assert set(values) == set(all_keys()) - {"name"}
+    assert values == {k: v for k, v in flat_keys(load_config(None)).items() if k != "name"}
+    assert values["model.context_length"] == 128 and values["model.d_model"] == 128  # not the dataclass's 256
+    assert values["train.max_steps"] == 1200 and values["model.norm"] == "rmsnorm" and values["model.bias"] is False
+
+
+def test_config_keys_honours_config_and_overrides(capsys):
+    _, values = _keys_output(capsys, "--config", "tinystories-17m", "optim.lr=0.005")
+    assert values["model.d_model"] == 512 and values["optim.lr"] == 0.005
+
+
+# ---------------------------------------------------------------- 11. config.toml from another folder
+
+
+def test_a_run_config_with_relative_inputs_repeats_from_another_folder(tiny_run, small_corpus, tmp_path,
+                                                                         monkeypatch, capsys):
+    import shutil
+    import tomllib
+
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    (start / "tok").mkdir(parents=True)
+    elsewhere.mkdir()
+    shutil.copy(tiny_run / "tokenizer.json", start / "tok" / "tokenizer.json")
+    shutil.copy(small_corpus[0], start / "train.txt")
+    monkeypatch.chdir(start)
+    assert main(["prepare", "train.txt", "--tokenizer", "tok", "--out", "shards", "--val-fraction", "0.1"]) == 0
+    small = ["model.context_length=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+             "train.batch_size=8", "train.eval_batches=2", "train.eval_every=0", "train.sample_tokens=2",
+             "train.device=cpu", "optim.warmup_steps=1", "train.runs_dir=runs", "train.run_name=own"]
+    assert main(["train", "data.corpus=", "data.tokenizer=tok", "data.shards=shards", "train.max_steps=2", *small]) == 0
+    config_toml = start / "runs" / "own" / "config.toml"
+    data = tomllib.loads(config_toml.read_text())["data"]
+    assert data["tokenizer"] == str(start / "tok") and data["shards"] == str(start / "shards")
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--config", str(config_toml), "train.max_steps=1"]) == 0, capsys.readouterr().err
+    assert len(list((elsewhere / "runs").iterdir())) == 1  # outputs go where the repeat was started
+
+
+# ---------------------------------------------------------------- 3. the README's Python example
+
+
+def test_the_readme_python_example_runs_as_written(small_corpus, data_cache, tmp_path, monkeypatch, capsys):
+    """The README's ```python block, executed verbatim in a fresh namespace.
+
+    Only load_config is wrapped, to append the tiny-model overrides after the
+    README's own (2 steps instead of 300 of the quick-start model), so the test
+    takes seconds; every name the block uses must be defined by the block.
+    """
+    import re
+    from pathlib import Path
+
+    import lmlab
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) == 1
+    real = lmlab.load_config
+    tiny = tiny_overrides(small_corpus, data_cache, tmp_path / "runs") + [
+        "train.max_steps=2", "train.eval_every=0", "train.sample_tokens=2", "optim.warmup_steps=1"]
+    monkeypatch.setattr(lmlab, "load_config", lambda path=None, overrides=(): real(path, [*overrides, *tiny]))
+    capsys.readouterr()
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    story, run = namespace["story"], namespace["run"]
+    assert isinstance(story, str) and not story.startswith("Once upon a time")  # the new text only
+    assert out.splitlines()[-1 - story.count("\n")].startswith("Once upon a time")
+    assert namespace["logits"].shape == (1, namespace["input_ids"].shape[1], run.config.model.vocab_size)
+    assert "generate() returns only the text written after the prompt" in blocks[0]

@@ -16,9 +16,9 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from lmlab import atomic
 from lmlab.data.documents import check_file
 from lmlab.data.synthetic import SYNTHETIC, synthetic_corpus
 from lmlab.data.shards import check_tokenizer, load_meta, prepare
@@ -84,7 +84,7 @@ def _cached_tokenizer(data, train_files, log):
         f"{', '.join(f.name for f in train_files)}")
     tokenizer = train_tokenizer(train_files, data.tokenizer_vocab_size, special_tokens=specials, text_key=data.text_key)
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+    tmp = atomic.temp_dir(entry.parent, prefix=f".{entry.name}.tmp-")
     try:
         tokenizer.save(tmp)
         os.rename(tmp, entry)

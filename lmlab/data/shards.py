@@ -19,7 +19,6 @@ Design choices:
 import json
 import os
 import shutil
-import tempfile
 import uuid
 import zlib
 from pathlib import Path
@@ -171,7 +170,7 @@ def prepare(files, tokenizer, out_dir, val_files=(), val_fraction=0.05, text_key
     _check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = atomic.temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
     try:
         writers = {split: _ShardWriter(tmp, split, dtype, tokenizer.eot_id, shard_tokens) for split in ("train", "val")}
         total = sum(f.stat().st_size for f in files + val_files)

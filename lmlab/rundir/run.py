@@ -14,6 +14,7 @@
       evals/<name>.json   lmlab eval results (text-*, val, copy, reverse, history, choice-*), probes with a .png
 """
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,51 @@ from lmlab.errors import LmlabError
 WEIGHTS = "model.safetensors"
 
 
+def check_new_run_dir(config):
+    """Refuse a new run before any work is done (tokenizer, shards): a name taken, a runs folder not writable.
+
+    train.run_name=NAME names one run: when runs/NAME exists the user most likely
+    meant to continue it, and writing runs/NAME-2 quietly would send a later
+    `--resume runs/NAME` to the wrong run. So it is refused, with the command
+    that continues it. (Generated names, NAME-DATE-TIME, still get a numbered
+    sibling in the rare case two runs start in the same second.)
+    """
+    t = config.train
+    runs_dir = Path(t.runs_dir).expanduser()
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise LmlabError(f"train.runs_dir={runs_dir} is a file, not a directory")
+    if t.run_name and (runs_dir / t.run_name).exists():
+        raise LmlabError(_name_taken(runs_dir / t.run_name))
+    existing = runs_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the folder the new run's folders will be made in
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = "Read-only file system" if _read_only_mount(existing) else "Permission denied"
+        raise LmlabError(f"cannot create a run in train.runs_dir: {existing} is not writable ({reason}); "
+                         "set train.runs_dir to a folder you can write")
+
+
+def _name_taken(path):
+    return (f"run directory {path} already exists; continue it with `lmlab train --resume {path}`, "
+            "or give another train.run_name (nothing was written)")
+
+
+def _read_only_mount(path):
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def new_run_dir(config):
-    """Create runs/NAME; an existing NAME gets a numbered sibling, never overwritten."""
+    """Create runs/NAME. A train.run_name that exists is refused; a generated name that exists gets a numbered sibling."""
     t = config.train
     name = t.run_name or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     runs_dir = Path(t.runs_dir)
     if runs_dir.exists() and not runs_dir.is_dir():
         raise LmlabError(f"train.runs_dir={runs_dir} is a file, not a directory")
+    if t.run_name and (runs_dir / name).exists():
+        raise LmlabError(_name_taken(runs_dir / name))
     path, n = runs_dir / name, 1
     while path.exists():
         n += 1

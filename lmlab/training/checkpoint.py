@@ -46,7 +46,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -192,7 +191,7 @@ def save(run_dir, step, model, optimizer, scaler, fields, stateful=None, keep=2,
     root = Path(run_dir) / DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    tmp = atomic.temp_dir(root, prefix=f".{final.name}.tmp-")
     try:
         atomic.write_tensors(save_file, weights, tmp / MODEL)
         tensors, optimizer_part = _split_optimizer(optimizer_state)

@@ -197,7 +197,7 @@ def prepare(config, log=print):
     config.train.run_name / runs_dir to the resumed run and config.model to the run's
     resolved model section. `Resumed.check_data` follows once the data is there.
     """
-    from lmlab.config import from_dict
+    from lmlab.config import absolute_inputs, from_dict
     from lmlab.training import checkpoint
 
     t = config.train
@@ -224,7 +224,8 @@ def prepare(config, log=print):
         log(f"{run_dir} has no checkpoint yet: starting it again from step 0")
         return Resumed(run_dir)
     try:
-        saved = from_dict(record.get("config") or {}, source=f"{path}/state.json")
+        # paths as the run now holds them: absolute (a checkpoint from before they were made so: from here)
+        saved = absolute_inputs(from_dict(record.get("config") or {}, source=f"{path}/state.json"))
     except LmlabError as e:
         raise checkpoint.CheckpointError(f"checkpoint {path} was written by another lmlab version: {e}") from None
     try:

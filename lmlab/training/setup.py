@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lmlab.config import total_steps
+from lmlab.config import absolute_inputs, total_steps
 from lmlab.data.batches import Batches, unigram_loss
 from lmlab.data.corpora import ensure_data
 from lmlab.data.curriculum import Curriculum
@@ -161,14 +161,16 @@ def _place(run):
 
 
 def _resume_and_data(run):
-    """The run to resume (None for a new one), checked before any data work; then the tokenizer and shards.
+    """The run to resume (None for a new one; its name and folder checked), before any data work; then the data.
 
     A resumed run must read the data it was trained on: that is checked here too, still before any write.
     """
-    config = run.config
+    config = absolute_inputs(run.config)  # config.toml works from any folder (config.absolute_inputs)
     if config.model.init_from and not config.data.tokenizer:
         config.data.tokenizer = config.model.init_from  # a pretrained model reads with its own tokenizer
     resumed = resume.prepare(config, log=run.log)
+    if not resumed and run.parallel.is_main:
+        rundir.check_new_run_dir(config)  # a name taken or a folder not writable: said before the data is built
     with run.parallel.local_main_first():  # one process per machine builds the tokenizer and shards
         run.tokenizer, run.shards_dir = ensure_data(config.data, log=run.log)
     if resumed:
