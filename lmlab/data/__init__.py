@@ -1,7 +1,8 @@
 """Data: documents in, deterministic batches out.
 
     documents.py   read .txt / .jsonl / .parquet (compressed too) as a stream of documents
-    tokenizer.py   byte-level BPE (HF tokenizers): train, load, save, fingerprint
+    tokenizer.py   byte-level BPE (HF tokenizers): train, load, save, fingerprint; extra special tokens
+    stream.py      encode_iterable: a text stream to ids in bounded memory, the ids of one encode
     encode.py      encoding on every core, byte-identical to one core
     shards.py      `lmlab prepare`: token shards (.npy) + meta.json, train/val split
     batches.py     (x, y) batches as a function of (seed, step, micro, rank); the validation subset
