@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import lmlab
 from lmlab.data import stream
 from lmlab.data.tokenizer import EOT, train_tokenizer
+from lmlab.errors import LmlabError
 
 ROOT = Path(__file__).resolve().parent.parent
 GPT2 = ROOT / "tests" / "data" / "gpt2"
@@ -23,13 +24,13 @@ DOUBLE = EOT + EOT
 SPECIALS = [DOUBLE, "<|im_start|>", "<|im_end|>", "a b\n c"]  # the last one holds a space and a newline
 
 
-def corpus_text(chars):
+def corpus_text(chars, chinese_first=False):
     """Real English stories and Chinese chapters, documents separated by <|endoftext|> lines."""
     with lzma.open(CORPORA / "tinystories" / "train.txt.xz", "rt", encoding="utf-8") as f:
         stories = f.read(chars)
     with lzma.open(CORPORA / "zh" / "valid.txt.xz", "rt", encoding="utf-8") as f:
         chapters = f.read(chars // 4)
-    return stories + chapters
+    return chapters + stories if chinese_first else stories + chapters
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,12 @@ def test_specials_in_the_stream_are_matched_as_specials_across_pieces(gpt2):
     assert ids == gpt2.encode("Hi ") + [double] + gpt2.encode(" there") + [
         gpt2.hf.token_to_id("<|im_start|>"), gpt2.hf.token_to_id("a b\n c"), double, eot]
     assert ids == gpt2.encode("".join(pieces))
+
+
+def test_bytes_are_a_one_line_error(gpt2, tmp_path):
+    (tmp_path / "t.txt").write_text("Once upon a time\n")
+    with open(tmp_path / "t.txt", "rb") as f, pytest.raises(LmlabError, match="open the file in text mode"):
+        list(gpt2.encode_iterable(f))
 
 
 ALPHABET = [" ", "  ", "\n", "\n\n", "\r\n", "\t", "Tom", " ran", "'s", ".", "!", "42", "é", "小猫", "🙂", "\u00a0",
@@ -136,7 +143,7 @@ print(json.dumps({"growth": peak() - before, "ids": ids}))
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux only")
 def test_memory_stays_flat_as_the_file_grows(tmp_path):
     """Peak RSS growth while streaming 4 and 24 million characters of text: the same few MB, not the file's size."""
-    text = corpus_text(10**7)
+    text = corpus_text(10**7, chinese_first=True)  # both files hold both (Chinese makes ~2.5 ids a character)
     growth = {}
     for mb in (4, 24):
         path = tmp_path / f"{mb}mb.txt"

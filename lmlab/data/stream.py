@@ -19,7 +19,9 @@ Design choices:
 
 import re
 
-CHUNK_CHARS = 1 << 16  # characters encoded at a time: ~16k ids, a few MB inside the Rust encoder
+from lmlab.errors import LmlabError
+
+CHUNK_CHARS = 1 << 14  # characters encoded at a time: 4k-40k ids (English-Chinese with GPT-2), a few MB in the encoder
 CHECK_CHARS = 256  # text on each side of a cut encoded to check it
 TRIES = 32  # candidate cuts checked on each side of the chunk's end before the buffer grows instead
 _CUT = re.compile(r"\S(?=[ \n])")  # a match ends at a candidate cut
@@ -34,6 +36,9 @@ def encode_iterable(tokenizer, lines, chunk_chars=CHUNK_CHARS):
     added = [t.content for t in tokenizer.hf.get_added_tokens_decoder().values()]
     buffer, size, limit = [], 0, chunk_chars
     for line in lines:
+        if not isinstance(line, str):
+            raise LmlabError(f"encode_iterable takes text, got {type(line).__name__}; "
+                             "open the file in text mode: open(path, encoding='utf-8')")
         buffer.append(line)
         size += len(line)
         if size < limit:
