@@ -42,6 +42,9 @@ def __getattr__(name):
     if name == "load_run":
         from lmlab.rundir.run import load_run
         return load_run
+    if name == "load_tokenizer":
+        from lmlab.data.tokenizer import load_tokenizer
+        return load_tokenizer
     if name == "generate":
         from lmlab.model.sampling import generate
         return generate

@@ -183,6 +183,8 @@ def prepare_flags(p):
     p.add_argument("files", nargs="+", metavar="FILE", help="training text or .jsonl files (.gz / .xz accepted)")
     p.add_argument("--tokenizer", required=True, metavar="DIR",
                    help="directory with tokenizer.json (or vocab.json + merges.txt), or a tokenizer.json file")
+    p.add_argument("--special-tokens", default="", metavar="A,B",
+                   help="extra special tokens to add to the tokenizer, comma-separated (saved with the shards)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for the shards")
     p.add_argument("--val", nargs="+", metavar="FILE", help="validation files (default: hold out --val-fraction)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for validation")
@@ -193,9 +195,10 @@ def prepare_flags(p):
 
 def run_prepare(args):
     from lmlab.data.shards import prepare
-    from lmlab.data.tokenizer import Tokenizer
+    from lmlab.data.tokenizer import Tokenizer, split_tokens
 
-    meta = prepare(args.files, Tokenizer.load(args.tokenizer), args.out, val_files=args.val or (),
+    tokenizer = Tokenizer.load(args.tokenizer, special_tokens=split_tokens(args.special_tokens))
+    meta = prepare(args.files, tokenizer, args.out, val_files=args.val or (),
                    val_fraction=args.val_fraction, text_key=args.text_key, workers=args.workers)
     counts = ", ".join(f"{split}: {info['tokens']:,} tokens in {info['documents']:,} documents"
                        for split, info in meta["splits"].items())

@@ -159,3 +159,13 @@ def test_trained_run_exports_its_specials_to_hugging_face(small_corpus, data_cac
         assert hf.encode(t, add_special_tokens=False) == ours.encode(t) == [ours.hf.token_to_id(t)]
     text = f"{CHAT[0]}Lily{CHAT[1]}{EOT * 3}"
     assert hf(text, add_special_tokens=False)["input_ids"] == Tokenizer.load(tmp_path / "hf").encode(text)
+
+
+def test_prepare_adds_specials_and_keeps_them_with_the_shards(stories, tmp_path, capsys):
+    main(["prepare", str(stories), "--tokenizer", str(GPT2), "--out", str(tmp_path / "shards"), "--workers", "1",
+          "--special-tokens", f"{DOUBLE},{CHAT[0]}"])
+    meta = json.loads((tmp_path / "shards" / "meta.json").read_text())
+    tok = Tokenizer.load(tmp_path / "shards")
+    assert meta["vocab_size"] == tok.vocab_size == 50259
+    assert meta["tokenizer_fingerprint"] == Tokenizer.load(GPT2, special_tokens=[DOUBLE, CHAT[0]]).fingerprint
+    assert tok.encode(DOUBLE + CHAT[0]) == [50257, 50258]

@@ -32,6 +32,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmlab import atomic
 from lmlab.data.documents import EOT, check_file, iter_documents
+from lmlab.data.textstream import encode_iterable
 from lmlab.errors import LmlabError
 
 PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]")  # special tokens taken as the pad token when present
@@ -114,6 +115,10 @@ class Tokenizer:
         encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)  # _fast skips offsets
         return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
+    def encode_iterable(self, lines):
+        """Yield the ids of the text `lines` join to (an open file, say), in bounded memory; see stream.py."""
+        return encode_iterable(self, lines)
+
     def decode(self, ids):
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
@@ -186,6 +191,12 @@ class Tokenizer:
         hf = _byte_level(bpe)
         hf.add_special_tokens([EOT])
         return cls(hf)
+
+
+def load_tokenizer(path, special_tokens=()):
+    """Any tokenizer lmlab reads (its own folder or a run's, a tokenizer.json, a vocab.json + merges.txt folder),
+    with `special_tokens` registered on top of its own: .encode, .decode, .encode_iterable, .special_tokens."""
+    return Tokenizer.load(path, special_tokens=special_tokens)
 
 
 def _byte_level(bpe):
