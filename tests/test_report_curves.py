@@ -32,7 +32,7 @@ def _events(losses, val_every=0):
 
 
 def _page_data(page):
-    block = re.search(r'<script type="application/json" id="lmlab-curves-data">(.*?)</script>', page, re.S).group(1)
+    block = re.search(r'<script type="application/json" id="lmlab-curves-data">(.*?)</script>', page, re.DOTALL).group(1)
     return json.loads(block)
 
 
