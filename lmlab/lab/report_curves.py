@@ -34,7 +34,7 @@ from lmlab.rundir.status import DIVERGED, TARGET_REACHED
 # (metric, the clock the chart opens on); a metric no run has is left out.
 METRICS = [("val_loss", "step"), ("loss", "step"), ("val_bpb", "tokens"), ("lr", "step")]
 CLOCK_KEYS = {"step": "step", "tokens": "tokens", "time": "elapsed_s", "wall": "wall_s"}
-MAX_POINTS = 5000
+MAX_POINTS = 2000
 SMOOTH_FRACTION = 25  # train loss opens smoothed over 1/25 of the longest curve, as in the static figures
 
 
