@@ -346,8 +346,9 @@ def run_report(args):
 REPORT = Verb(
     "report", "self-contained HTML experiment log (and a Markdown twin) of a runs directory", report_flags,
     run_report,
-    description="Write DIR/report.html (opens from disk, no server) and DIR/report.md: the runs table, the curves "
-                "on each clock, and per run its differing config keys, notes and samples.")
+    description="Write DIR/report.html (opens from disk, no server, no network) and DIR/report.md: the runs table, "
+                "interactive curves (hover values, hide runs, log scales, zoom; x axis step, tokens, training or "
+                "wall-clock time), and per run its differing config keys, notes and samples.")
 
 
 def note_flags(p):

@@ -1,5 +1,6 @@
 """Runs compared: the runs table, compare figures on each clock, the HTML / Markdown report, notes, errors."""
 
+import html
 import json
 import re
 import shutil
@@ -103,8 +104,10 @@ def test_report_is_a_self_contained_page_with_a_markdown_twin(ablation, capsys):
     page = (ablation / "report.html").read_text()
     for name in ("baseline", "nonorm", "postnorm"):
         assert f'id="run-{name}"' in page
-    assert page.count('src="data:image/svg+xml;base64,') >= 6  # val loss on 4 clocks, train loss on 2
-    assert "<script" not in page and not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch
+    fallback = page[page.index("<noscript>"):page.index("</noscript>")]  # the static figures, for no JavaScript
+    assert fallback.count('src="data:image/svg+xml;base64,') >= 6  # val loss on 4 clocks, train loss on 2
+    assert not re.search(r'(src|href)="(?!data:)', page) and "<script src" not in page  # nothing to fetch
+    assert "uPlot (v1.6.32)" in page and 'id="lmlab-curves-data"' in page  # the interactive curves, inlined
     assert "model.norm_position" in page and "no norm: &lt;slower&gt; &amp; noisier at the start" in page
     assert "Once upon a time" in page  # the samples
     markdown = (ablation / "report.md").read_text()
@@ -118,31 +121,101 @@ def _chromium():
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no Chromium installed (apt-get install chromium)")
-def test_report_loads_in_headless_chromium_without_console_errors_and_shows_every_run(ablation, tmp_path):
-    from lmlab.lab.report import write_report
-
-    page, _ = write_report(ablation, out=tmp_path / "report.html")
-    # The check script goes into a copy: the report itself has no script at all.
-    probe = ("<script>addEventListener('load', () => { const imgs = [...document.images];"
-             " document.body.dataset.images = imgs.length;"
-             " document.body.dataset.broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length; });"
-             "</script>")
-    checked = tmp_path / "checked.html"
-    checked.write_text(page.read_text().replace("</body>", probe + "</body>"))
+def _headless(page, profile, *flags):
+    """(the DOM after scripts ran, the page's console lines) of `page` opened from disk in headless Chromium."""
     result = subprocess.run(
         [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom", checked.as_uri()],
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+         "--window-size=1200,900", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", *flags,
+         "--dump-dom", page.as_uri()],
         capture_output=True, text=True, timeout=120)
-    dom = result.stdout
-    console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
-    assert console == []
-    body = re.search(r"<body[^>]*>", dom).group(0)
-    images = int(re.search(r'data-images="(\d+)"', body).group(1))
-    assert images >= 6 and 'data-broken="0"' in body
+    return result.stdout, [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+
+
+# Run in a copy of the report, after its own scripts: what the charts hold and show, before and after the
+# reader uses the controls, written to <body data-probe="JSON"> for --dump-dom.
+PROBE = """<script>
+function pixels(plot, hex) {  // canvas pixels drawn in a run's colour
+  const [r, g, b] = [1, 3, 5].map(i => parseInt(hex.slice(i, i + 2), 16));
+  const c = plot.ctx.canvas, copy = document.createElement("canvas");  // read from a copy: no readback warning
+  [copy.width, copy.height] = [c.width, c.height];
+  const ctx = copy.getContext("2d", {willReadFrequently: true});
+  ctx.drawImage(c, 0, 0);
+  const d = ctx.getImageData(0, 0, c.width, c.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4)
+    if (d[i + 3] > 200 && Math.abs(d[i] - r) + Math.abs(d[i + 1] - g) + Math.abs(d[i + 2] - b) < 60) n++;
+  return n;
+}
+function state(c) {
+  return {metric: c.spec.metric, labels: c.spec.runs.map(r => r.label), shown: c.plot.series.slice(1).map(s => s.show),
+          points: c.plot.data.slice(1).map(ys => ys.filter(y => y != null).length), xmax: Math.max(...c.plot.data[0]),
+          pixels: c.spec.runs.map(r => pixels(c.plot, r.color)), xlabel: c.plot.axes[0].label,
+          ydistr: c.plot.scales.y.distr, title: c.title.textContent};
+}
+function use(c, name, value) {
+  const input = c.box.parentNode.querySelector(`[name=${name}]`);
+  if (input.type === "checkbox") input.checked = value; else input.value = value;
+  input.dispatchEvent(new Event("change"));
+}
+addEventListener("load", () => setTimeout(() => {
+  const charts = window.lmlabCharts, out = {before: charts.map(state)};
+  const val = charts.find(c => c.spec.metric === "val_loss"), loss = charts.find(c => c.spec.metric === "loss");
+  val.plot.setCursor({left: val.plot.bbox.width / uPlot.pxRatio * 0.6, top: 20});
+  out.hover = [...val.plot.root.querySelectorAll(".u-legend .u-series .u-value")].map(e => e.textContent);
+  use(val, "clock", "wall"); use(val, "logy", true); use(loss, "smooth", 5); use(loss, "clock", "tokens");
+  val.plot.root.querySelectorAll(".u-legend .u-series th")[1].click();  // the first run, hidden from the legend
+  setTimeout(async () => {  // uPlot redraws after the event
+    out.after = charts.map(state);
+    out.fallback = await fallback();
+    document.body.dataset.probe = JSON.stringify(out);
+  }, 200);
+}, 200));
+async function fallback() {  // the static figures shown without JavaScript: [decoded width of each]
+  const text = document.querySelector("noscript").textContent;
+  const images = [...new DOMParser().parseFromString(text, "text/html").images];
+  return Promise.all(images.map(img => new Promise(done => {
+    const copy = new Image();
+    copy.onload = () => done(copy.naturalWidth);
+    copy.onerror = () => done(0);
+    copy.src = img.src;
+  })));
+}
+</script>"""
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium installed (apt-get install chromium)")
+def test_report_curves_are_drawn_and_usable_in_headless_chromium_without_console_errors(ablation, tmp_path):
+    from lmlab.lab.report import write_report
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
     for name in ("baseline", "nonorm", "postnorm"):
-        assert f'id="run-{name}"' in dom and f"<td>{name}</td>" in dom
+        (runs / name).symlink_to(ablation / name)
+    _fake_run(runs, "hot", "diverged", [5.0, 9.0, "nan"], lr=1.0)  # validation loss only, ending in NaN
+    page, _ = write_report(runs, out=tmp_path / "report.html")
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    dom, console = _headless(checked, tmp_path / "profile")
+    assert console == []
+    probe = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', dom).group(1)))
+    before = {c["metric"]: c for c in probe["before"]}
+    assert list(before) == ["val_loss", "loss", "val_bpb", "lr"]
+    assert [label.split()[0] for label in before["val_loss"]["labels"]] == ["baseline", "hot", "nonorm", "postnorm"]
+    evals = [len(read_run(ablation / name).series("val_loss")) for name in ("baseline", "nonorm", "postnorm")]
+    assert before["val_loss"]["points"] == [evals[0], 2, *evals[1:]] and min(evals) >= 3  # NaN is not drawn
+    assert before["loss"]["points"] == [30, 30, 30] and before["loss"]["xlabel"] == "step"
+    for chart in probe["before"]:  # every run's curve is on the canvas, in its colour (the runs share one lr curve)
+        assert sum(chart["pixels"]) > 100 if chart["metric"] == "lr" else all(n > 20 for n in chart["pixels"]), chart
+    assert all(v != "–" for v in probe["hover"][1:]) and len(probe["hover"]) == 5  # the x value and 4 runs
+    after = {c["metric"]: c for c in probe["after"]}
+    assert after["val_loss"]["xlabel"].startswith("wall-clock time") and after["val_loss"]["ydistr"] == 3
+    assert after["loss"]["xlabel"] == "tokens" and after["loss"]["xmax"] == 30 * 8 * 64
+    assert after["loss"]["title"] == "Train loss (moving average of 5 points)"
+    for chart in probe["after"]:  # baseline hidden in every chart, the others still drawn
+        assert chart["shown"] == [False] + [True] * (len(chart["shown"]) - 1), chart
+        assert chart["pixels"][0] == 0 and (chart["metric"] == "lr" or all(n > 20 for n in chart["pixels"][1:])), chart
+    assert len(probe["fallback"]) >= 6 and all(w > 100 for w in probe["fallback"])  # the static figures, for no JS
 
 
 def test_notes_are_dated_lines_in_notes_md(tmp_path):

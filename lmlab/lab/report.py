@@ -1,10 +1,13 @@
 """`lmlab report DIR`: the experiment log of a directory of runs, as one HTML page and a Markdown twin.
 
 Design choices:
-- Self-contained: the HTML page holds its figures as SVG data URIs and its
-  style inline, with no script and no external request, so it opens from
-  disk (or an e-mail attachment) in any browser, offline, with no server.
-  Data URIs (not inline <svg>) keep the figures' internal ids apart.
+- Self-contained: the HTML page holds everything inline (style, data,
+  scripts, images) and makes no external request, so it opens from disk (or
+  an e-mail attachment) in any browser, offline, with no server.
+- The curves are interactive (report_curves.py: hover values, hide runs, log
+  scales, zoom, any clock), drawn by uPlot, which is vendored and inlined.
+  Without JavaScript the static figures show instead (<noscript>), as SVG
+  data URIs: data URIs (not inline <svg>) keep the figures' internal ids apart.
 - The Markdown twin (report.md) says the same for git, wikis and notebooks;
   its figures are PNG files in a folder beside it (REPORT_files/).
 - Content, in the order a reader asks: the runs table (with the config keys in
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from lmlab import atomic
 from lmlab.evals.output import eval_summaries
+from lmlab.lab.report_curves import curves_html, curves_style
 from lmlab.rundir.plots import compare_figure, save_figure
 from lmlab.lab.table import format_table, human_count, human_time, read_runs, runs_table
 
@@ -126,7 +130,7 @@ def _html(title, records, table, figures, generated):
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         '<link rel="icon" href="data:,">',  # no favicon request when opened from disk
-        f"<title>{e(title)}</title>", f"<style>{STYLE}</style>", "</head>", "<body>",
+        f"<title>{e(title)}</title>", f"<style>{STYLE}{curves_style()}</style>", "</head>", "<body>",
         f"<h1>{e(title)}</h1>",
         f"<p>{len(records)} run{'s' * (len(records) != 1)}, report written {e(generated)} by <code>lmlab report</code>.</p>",
         "<h2>Runs</h2>", _html_table(headers, rows, numeric=range(2, 8)),
@@ -136,10 +140,13 @@ def _html(title, records, table, figures, generated):
                  "<p>The runs have the same config (seed and data included).</p>" if len(records) > 1 else "")
     if figures:
         parts.append("<h2>Curves</h2>")
+        charts = curves_html(records)
+        parts += [charts, "<noscript>" if charts else ""]
         for caption, svg, _ in figures:
             data = base64.b64encode(svg).decode("ascii")
             parts.append(f'<figure><img alt="{e(caption)}" src="data:image/svg+xml;base64,{data}">'
                          f"<figcaption>{e(caption)}</figcaption></figure>")
+        parts.append("</noscript>" if charts else "")
     parts.append("<h2>Runs in detail</h2>")
     for r in records:
         parts.append(f'<section class="run" id="run-{e(r.label)}"><h3>{e(r.label)}</h3>')

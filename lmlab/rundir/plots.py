@@ -92,7 +92,7 @@ def _time_scale(max_seconds):
     return 1.0, "s"
 
 
-def _label(record):
+def legend_label(record):
     keys = record.differing
     if not keys or len(keys) > MAX_LEGEND_KEYS:
         return record.label
@@ -104,6 +104,11 @@ def _short(value):
     return f"{value:g}" if isinstance(value, float) else ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+def run_colors(runs):
+    """The palette runs are drawn in (tab10, tab20 past ten runs), as RGB tuples; the report's charts use it too."""
+    return plt.get_cmap("tab10" if runs <= 10 else "tab20").colors
+
+
 def compare_figure(records, x="step", metric="val_loss", logx=False, logy=False, smooth=None, title=None):
     """A matplotlib figure of `metric` against the clock `x` for every run in `records` (lab.table.RunRecord)."""
     clock_name, curves = _curves(records, x, metric)
@@ -112,7 +117,7 @@ def compare_figure(records, x="step", metric="val_loss", logx=False, logy=False,
         scale, unit = _time_scale(max(p[0] for _, points in curves for p in points) if curves else 0)
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    colors = plt.get_cmap("tab10" if len(records) <= 10 else "tab20").colors
+    colors = run_colors(len(records))
     ends, windows = set(), set()
     firsts = [v for _, points in curves for v in [next((v for _, v in points if finite(v)), None)] if v is not None]
     cap = 1.05 * max(firsts) if metric in LOSSES and firsts and not logy and max(firsts) > 0 else math.inf
@@ -171,17 +176,17 @@ def _draw_run(ax, record, points, color, scale, cap, smooth, metric, windows):
     kept = [(px / scale, v) for px, v in points if finite(v) and finite(px)]
     if not kept:
         if points:  # measured, but never finite: say so rather than leave the run out silently
-            ax.plot([], [], "X", color=color, label=f"{_label(record)}: no finite value")
+            ax.plot([], [], "X", color=color, label=f"{legend_label(record)}: no finite value")
         return set()
     xs, ys = map(np.asarray, zip(*kept))
     window = smoothing_window(smooth, metric, len(ys))
     if window > 1:
         windows.add(window)
         ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(xs, moving_average(ys, window), color=color, label=_label(record), linewidth=1.6)
+        ax.plot(xs, moving_average(ys, window), color=color, label=legend_label(record), linewidth=1.6)
     else:
         style = "o-" if len(xs) <= 60 and metric.startswith("val") else "-"
-        ax.plot(xs, ys, style, color=color, label=_label(record), markersize=3.5, linewidth=1.4)
+        ax.plot(xs, ys, style, color=color, label=legend_label(record), markersize=3.5, linewidth=1.4)
     status, end = record.status, (xs[-1], min(ys[-1], cap))  # a marker above the cap sits on it
     if status == DIVERGED or len(kept) < len(points):
         ax.plot(*end, "X", color=color, markersize=11, markeredgecolor="black", zorder=5, clip_on=False)
