@@ -116,10 +116,10 @@ def table(runs, recipes, target):
         for row in rows:
             if row.get("s_med"):
                 row["ratio"] = row["s_med"] / reference
-    notes = [f"target: validation loss <= {target:g}; time = training time to the first evaluation at or below it "
-             "(steps only, evaluations excluded), min / median / max over the seeds that reached it",
-             "ratio: median time to target / the quick start's (its whole training time when it ends above the "
-             "target); 'reached' counts seeds",
+    notes = [(f"target: validation loss <= {target:g}; time = training time to the first evaluation at or below "
+              "it (steps only, evaluations excluded), min / median / max over the seeds that reached it"),
+             ("ratio: median time to target / the quick start's (its whole training time when it ends above the "
+              "target); 'reached' counts seeds"),
              "turns interleaved (seed 1: A B C, seed 2: B C A, ...) so the machine's noise falls on all recipes"]
     columns = [("recipe", "recipe"), ("reached", "reached"), ("s_min", "s min"), ("s_med", "s median"),
                ("s_max", "s max"), ("tok_min", "tokens min"), ("tok_med", "tokens median"), ("tok_max", "tokens max"),
