@@ -97,10 +97,25 @@ def bench_flags(p):
     p.add_argument("--budget-mib", type=float, metavar="MIB",
                    help="memory budget for --find-batch on CPU (default: 90%% of the memory available now)")
     p.add_argument("--no-reference", action="store_true", help="measure lmlab only, without transformers")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes and one or two repeats: every benchmark in about a minute (noisier)")
     p.add_argument("--out", metavar="FILE", help="also write the Markdown report here (and its rows to FILE.json)")
+    speed = p.add_argument_group("lmlab bench speedrun (time to a validation loss; docs/speed.md)")
+    speed.add_argument("--recipes", metavar="LIST", help="comma-separated: cpu-quickstart, nanogpt, cpu-speedrun "
+                                                         "(default: all three)")
+    speed.add_argument("--seeds", type=int, default=2, help="seeds per recipe, run in interleaved turns (default 2)")
+    speed.add_argument("--target", type=float, default=2.44, help="validation loss to reach (default 2.44, the "
+                                                                   "quick start's final)")
+    speed.add_argument("--eval-every", type=int, default=50, help="steps between evaluations, for all recipes")
+    speed.add_argument("--dir", default="speedrun", help="where the runs, the report and the plot go "
+                                                         "(default ./speedrun)")
+    speed.add_argument("--append", metavar="FILE", help="append the report to this Markdown file "
+                                                        "(e.g. benchmarks/RESULTS.md)")
 
 
 def run_bench(args):
+    if args.overrides[:1] == ["speedrun"]:
+        return run_speedrun(args)
     from lmlab.bench.suite import parse_only
     from lmlab.config import load_config
 
@@ -110,11 +125,41 @@ def run_bench(args):
     from lmlab.bench.suite import run, write_json
 
     report, rows = run(config, only=only, reference=not args.no_reference, find_batch=args.find_batch,
-                       budget_mib=args.budget_mib)
+                       budget_mib=args.budget_mib, quick=args.quick)
     if args.out:
         atomic.write_text(args.out, report)
         write_json(f"{args.out}.json", rows)
         print(f"report -> {args.out} (rows: {args.out}.json)")
+
+
+def run_speedrun(args):
+    """`lmlab bench speedrun [KEY=VALUE...]`: the recipes raced to --target; overrides apply to every recipe."""
+    import json
+    import shlex
+    from pathlib import Path
+
+    from lmlab import atomic
+    from lmlab.bench.common import machine, machine_lines
+    from lmlab.bench.speedrun import parse_recipes, speedrun
+
+    if args.config:
+        raise LmlabError("lmlab bench speedrun takes its recipes from --recipes, not --config")
+    recipes = parse_recipes(args.recipes)
+    out_dir = Path(args.dir)
+    section, figure, runs = speedrun(out_dir, recipes, seeds=args.seeds, target=args.target,
+                                     eval_every=args.eval_every, overrides=args.overrides[1:], log=print_now)
+    command = shlex.join(["lmlab", "bench", *sys.argv[2:]])
+    report = "\n".join([f"Command: `{command}`", "", "Machine:", "", machine_lines(machine()), "",
+                        section.markdown(), f"![validation loss against time]({figure})", ""])
+    atomic.write_text(out_dir / "speedrun.md", report)
+    atomic.write_text(out_dir / "speedrun.json", json.dumps(runs, indent=1) + "\n")
+    print_now(section.markdown())
+    print_now(f"report -> {out_dir / 'speedrun.md'}, plot -> {figure}")
+    if args.append:
+        path = Path(args.append)
+        old = path.read_text(encoding="utf-8") if path.exists() else ""
+        atomic.write_text(path, old.rstrip("\n") + "\n\n" + report)
+        print_now(f"appended to {path}")
 
 
 BENCH = Verb(

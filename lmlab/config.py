@@ -54,7 +54,7 @@ class ModelConfig:
     n_layers: int = 4  # transformer blocks
     n_heads: int = 8  # query heads; d_model must divide by it (unless head_dim is set)
     n_kv_heads: int = 0  # key/value heads for grouped-query attention; 0 = n_heads
-    d_ff: int = 0  # feed-forward hidden width; 0 = 8/3 d_model rounded up to 64 for swiglu, 4 d_model for silu / gelu
+    d_ff: int = 0  # feed-forward hidden width; 0 = 8/3 d_model rounded up to 64 for swiglu, 4 d_model for silu / gelu / relu2
     rope_theta: float = 10000.0  # RoPE base frequency
     norm_eps: float = 1e-5  # epsilon of every norm (RMSNorm, LayerNorm, QK-norm)
     tie_embeddings: bool = False  # share the input embedding with the LM head
@@ -63,7 +63,8 @@ class ModelConfig:
     norm: Literal["rmsnorm", "layernorm", "none"] = "rmsnorm"  # rmsnorm, layernorm (nanoGPT's: gain, and a bias when model.bias), none (no norm anywhere)
     norm_position: Literal["pre", "post"] = "pre"  # pre: x + f(Norm(x)) (Llama); post: Norm(x + f(x)) (original Transformer)
     position: Literal["rope", "nope", "learned"] = "rope"  # rope (rotary, rope_theta), nope (no position information), learned (absolute embedding)
-    ffn: Literal["swiglu", "silu", "gelu"] = "swiglu"  # swiglu: W2(SiLU(W1 x) * W3 x); silu: W2 SiLU(W1 x); gelu: W2 GELU(W1 x)
+    ffn: Literal["swiglu", "silu", "gelu", "relu2"] = "swiglu"  # swiglu: W2(SiLU(W1 x) * W3 x); silu: W2 SiLU(W1 x); gelu: W2 GELU(W1 x); relu2: W2 ReLU(W1 x)^2 (modded-nanogpt)
+    zero_init_proj: bool = False  # start the residual-writing projections (o_proj, down_proj) at zero: each block begins as the identity (modded-nanogpt)
     head_dim: int = 0  # width of one attention head; 0 = d_model / n_heads
     qk_norm: bool = False  # RMSNorm of queries and keys over each head before RoPE (as in Qwen3)
     key_norm: bool = False  # KeyNorm: keys L2-normalised per head, logits = scale * q.k/|k| instead of q.k/sqrt(head_dim)
@@ -577,7 +578,7 @@ def resolve_d_ff(model):
     """
     if model.d_ff > 0:
         return model.d_ff
-    if model.ffn in ("silu", "gelu"):
+    if model.ffn in ("silu", "gelu", "relu2"):
         return 4 * model.d_model
     return 64 * -(-int(8 * model.d_model / 3) // 64)
 

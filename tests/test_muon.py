@@ -198,3 +198,22 @@ def test_muon_class_defaults_to_adamw_groups():
     p = torch.nn.Parameter(torch.ones(3))
     opt = Muon([{"params": [p]}], lr=0.1)
     assert opt.param_groups[0]["kind"] == "adamw"
+
+
+def test_relu2_ffn_and_zero_initialised_projections():
+    from lmlab.config import ModelConfig
+    from lmlab.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_heads=4, n_layers=2, ffn="relu2",
+                                    zero_init_proj=True))
+    mlp = model.layers[0].mlp
+    assert mlp.up_proj.weight.shape == (128, 32)  # d_ff 0 = 4 d_model, as for the other two-matrix MLPs
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), mlp.down_proj(torch.relu(mlp.up_proj(x)) ** 2))
+    for block in model.layers:
+        assert not block.self_attn.o_proj.weight.any() and not block.mlp.down_proj.weight.any()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():  # zero-initialised blocks are the identity: logits = head(norm(embedding))
+        torch.testing.assert_close(model(ids), model.lm_head(model.norm(model.embed_tokens(ids))))

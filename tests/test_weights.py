@@ -95,7 +95,8 @@ def test_the_model_built_from_an_unresolved_config_matches_the_resolved_one():
 def test_every_switch_is_a_literal_whose_values_validate_checks():
     switches = {key: allowed for key, _, allowed in choice_fields(Config())}
     assert switches["model.norm"] == ("rmsnorm", "layernorm", "none")
-    assert switches["optim.name"] == ("adamw", "adamw8bit")
+    assert switches["optim.name"] == ("adamw", "adamw8bit", "muon")
+    assert switches["model.ffn"] == ("swiglu", "silu", "gelu", "relu2")
     assert {"model.position", "model.ffn", "data.packing", "optim.schedule", "train.precision"} <= set(switches)
     for key, value, allowed in choice_fields(load_config()):
         assert value in allowed  # the quick start's own choices
@@ -110,4 +111,4 @@ def test_every_switch_is_a_literal_whose_values_validate_checks():
 def test_switch_fields_are_typed_with_their_choices():
     hints = typing.get_type_hints(ModelConfig)
     assert typing.get_origin(hints["norm"]) is typing.Literal
-    assert typing.get_args(hints["ffn"]) == ("swiglu", "silu", "gelu")
+    assert typing.get_args(hints["ffn"]) == ("swiglu", "silu", "gelu", "relu2")

@@ -4,6 +4,10 @@ Design choices:
 - Each benchmark is a function returning a `Section`; this module only picks
   them, passes the config's device / precision / shape, and assembles the
   Markdown report (machine first) and a JSON file of every row.
+- `quick` (`lmlab bench --quick`): the same benchmarks at small sizes and one
+  or two repeats (the config's model only, 64 new tokens, 1 MB of text for
+  prepare and tokenizer training), for a check in about a minute; its ratios
+  are noisier than the full run's.
 - The config is the one `lmlab train` would use (`--config`, KEY=VALUE), so
   `lmlab bench --find-batch --config my.toml` answers for the run about to be made.
 """
@@ -28,7 +32,10 @@ def parse_only(text):
     return names
 
 
-def run(config, only=BENCHMARKS, reference=True, find_batch=False, budget_mib=None, log=print):
+QUICK_TEXT_BYTES = 1 << 20  # text given to prepare and tokenizer training by --quick
+
+
+def run(config, only=BENCHMARKS, reference=True, find_batch=False, budget_mib=None, log=print, quick=False):
     """Run the chosen benchmarks for `config`; returns (markdown report, {benchmark: rows})."""
     from lmlab.device import resolve_device, resolve_precision
 
@@ -47,35 +54,54 @@ def run(config, only=BENCHMARKS, reference=True, find_batch=False, budget_mib=No
 
         add("find_batch", search(config, device=device, precision=precision, budget_mib=budget_mib, log=log))
     for name in ([] if find_batch else only):
-        add(name, _one(name, config, device, precision, reference, log))
+        add(name, _one(name, config, device, precision, reference, log, quick))
     report = "\n".join(["Machine:", "", machine_lines(info), ""] + [s.markdown() for _, s in sections])
     rows = {"machine": info, **{name: section.rows for name, section in sections}}
     return report, rows
 
 
-def _one(name, config, device, precision, reference, log):
+def _one(name, config, device, precision, reference, log, quick=False):
     if name == "train":
         from lmlab.bench.train import LADDER, training_step
 
         own = dataclasses.replace(config.model, vocab_size=config.model.vocab_size or config.data.tokenizer_vocab_size)
-        shapes = [own] + [s for s in LADDER if not _same_shape(s, own)]
+        shapes = [own] + ([] if quick else [s for s in LADDER if not _same_shape(s, own)])
         return training_step(shapes, device=device, precision=precision, compile=config.train.compile,
-                             reference=reference, log=log)
+                             reference=reference, log=log, **({"steps": 2} if quick else {}))
     if name == "generate":
         from lmlab.bench.generate import generation
 
-        return generation(device=device, precision=precision, reference=reference, log=log)
+        return generation(device=device, precision=precision, reference=reference, log=log,
+                          **({"new_tokens": 64, "repeats": 1} if quick else {}))
     if name == "loader":
         from lmlab.bench.data import data_loader
 
-        return data_loader(config, device=device, log=log)
-    if name == "prepare":
-        from lmlab.bench.data import prepare_throughput
+        return data_loader(config, device=device, log=log, **({"batches": 20, "steps": 1, "repeats": 1} if quick else {}))
+    from lmlab.bench import data
 
-        return prepare_throughput(log=log)
-    from lmlab.bench.data import tokenizer_training
+    fn = data.prepare_throughput if name == "prepare" else data.tokenizer_training
+    if not quick:
+        return fn(log=log)
+    import tempfile
 
-    return tokenizer_training(log=log)
+    with tempfile.TemporaryDirectory() as tmp:
+        return fn(files=[_text_slice(tmp)], log=log, repeats=1)
+
+
+def _text_slice(tmp):
+    """The first QUICK_TEXT_BYTES of the bundled TinyStories train text, cut at a story's end, as a file."""
+    import lzma
+    from pathlib import Path
+
+    from lmlab.data.corpora import bundled_corpus
+
+    (packed,), _ = bundled_corpus("tinystories")
+    with lzma.open(packed, "rt", encoding="utf-8") as f:
+        text = f.read(QUICK_TEXT_BYTES)
+    end = text.rfind("<|endoftext|>")
+    path = Path(tmp) / "tinystories-slice.txt"
+    path.write_text(text[:end] + "<|endoftext|>\n" if end > 0 else text, encoding="utf-8")
+    return path
 
 
 def _same_shape(shape, model_config):

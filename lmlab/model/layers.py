@@ -106,7 +106,7 @@ class SwiGLU(nn.Module):
 
 
 class MLP(nn.Module):
-    """down(act(up(x))): the two-matrix MLP, with SiLU (CS336's ablation) or GELU (GPT-2)."""
+    """down(act(up(x))): the two-matrix MLP, with SiLU (CS336's ablation), GELU (GPT-2) or ReLU^2."""
 
     def __init__(self, config, activation):
         super().__init__()
@@ -118,6 +118,11 @@ class MLP(nn.Module):
         return self.down_proj(self.activation(self.up_proj(x)))
 
 
+def relu_squared(x):
+    """ReLU(x)^2 (So et al. 2021, Primer; modded-nanogpt): sparse like ReLU, smooth at 0. HF's "relu2"."""
+    return F.relu(x).square()
+
+
 def make_ffn(config):
     """The feed-forward layer that model.ffn names."""
     if config.ffn == "swiglu":
@@ -126,6 +131,8 @@ def make_ffn(config):
         return MLP(config, F.silu)
     if config.ffn == "gelu":
         return MLP(config, F.gelu)  # the exact (erf) GELU, HF's "gelu"
+    if config.ffn == "relu2":
+        return MLP(config, relu_squared)
     raise ValueError(f"unknown ffn {config.ffn!r}")
 
 

@@ -221,10 +221,14 @@ class Transformer(nn.Module):
         # With unscaled init the stream's variance grows with the number of
         # additions, 2 * n_layers; scaling the projections that write into it
         # by 1/sqrt(2 * n_layers) keeps its size independent of depth (GPT-2).
+        # model.zero_init_proj starts them at zero instead: every block is the identity at step 0.
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for block in self.layers:
-            nn.init.normal_(block.self_attn.o_proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=residual_std)
+            for proj in (block.self_attn.o_proj, block.mlp.down_proj):
+                if self.config.zero_init_proj:
+                    nn.init.zeros_(proj.weight)
+                else:
+                    nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
 
     def forward(self, input_ids, kv_cache=None, targets=None, memory=None):
         """Logits (B, T, vocab) for input_ids (B, T); with a cache, at positions cache.pos.. .
