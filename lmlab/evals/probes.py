@@ -15,8 +15,9 @@ Design choices:
   keeps its initial embedding, which a model cannot tell from its neighbours
   (nor its output row from the next); a sequence of such tokens tests the
   untrained weights, not the memory, and a small corpus on a large vocabulary
-  leaves many of them (the copy corpus: 28 of 300; the probe then reports
-  near-chance accuracy for a model that copies every seen token). Special
+  leaves many of them (the copy corpus at vocabulary 300 uses 70 of the 299
+  ordinary tokens: drawn from the whole vocabulary, three tokens in four are
+  ones the model has never read). Special
   tokens are never drawn.
   "meaningful": spans of real text (the run's validation split, or any text
   file), taken from the token stream with the end-of-text tokens removed, so a
