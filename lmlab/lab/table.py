@@ -70,9 +70,13 @@ class RunRecord:
         return UNFINISHED
 
     def series(self, metric, x="step"):
-        """[(x, value)] of the events that have both, value finite or not."""
-        return [(e[x], e[metric]) for e in self.events
-                if x in e and isinstance(e.get(metric), (int, float)) and not isinstance(e.get(metric), bool)]
+        """[(x, value)] of the events that have both, value finite or not.
+
+        A metric inside a nested record is named with a dot after the record:
+        `key_l2.layers.0` is e["key_l2"]["layers.0"] of the norms events.
+        """
+        points = [(e.get(x), _value(e, metric)) for e in self.events if x in e]
+        return [(at, v) for at, v in points if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
     def last(self, key):
         for e in reversed(self.events):
@@ -266,3 +270,12 @@ def add_note(run, text):
     old = notes.read_text(encoding="utf-8") if notes.is_file() else ""
     atomic.write_text(notes, old + f"- {time.strftime('%Y-%m-%d %H:%M')}  {text}\n")
     return notes
+
+
+def _value(event, metric):
+    """event[metric], or event[record][rest] for a metric named record.rest (per-layer norms)."""
+    if metric in event:
+        return event[metric]
+    record, _, rest = metric.partition(".")
+    nested = event.get(record)
+    return nested.get(rest) if isinstance(nested, dict) else None

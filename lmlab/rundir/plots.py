@@ -151,6 +151,8 @@ def _curves(records, x, metric):
     if not any(points for _, points in curves):
         available = sorted({k for r in records for e in r.events for k, v in e.items()
                             if isinstance(v, (int, float)) and k not in ("step", "tokens", "elapsed_s", "wall_s")})
+        available += sorted({f"{k}.{next(iter(v))}" for r in records for e in r.events for k, v in e.items()
+                             if isinstance(v, dict) and v})  # per-layer norms: record.layer
         raise LmlabError(f"no run has '{metric}' against {x} in metrics.jsonl; metrics there: "
                          f"{', '.join(available) or 'none'}")
     return clock_name, curves

@@ -6,7 +6,8 @@ without bound (no norm, post-norm), an attention output that dies. Every
 `train.norms_every` steps the trainer records one event of kind "norms":
 
     {"step": 100, "kind": "norms", "weight_l2": {"layers.0.self_attn": 5.1, ...},
-     "grad_l2": {...}, "act_rms": {"embed_tokens": 0.02, "layers.0": 0.9, ...}}
+     "grad_l2": {...}, "act_rms": {"embed_tokens": 0.02, "layers.0": 0.9, ...},
+     "key_l2": {"layers.0": 3.5, ...}}
 
 Design choices:
 - Parameters are grouped by the module that owns them, one level inside a
@@ -21,6 +22,10 @@ Design choices:
   nothing but a modulo.
 - RMS for activations (independent of batch and width), L2 for weights and
   gradients (what clipping and weight decay act on).
+- key_l2: the mean L2 norm of one head's key vector at one position, per
+  layer, as k_proj makes it (before QK-norm, KeyNorm or RoPE, which keeps
+  norms). Attention logits q.k/sqrt(head_dim) grow with |k|: its growth over
+  training is what KeyNorm (keys normalised to length 1) takes away.
 """
 
 import torch
@@ -61,13 +66,21 @@ class NormProbe:
 
     @torch.no_grad()
     def activations(self, x):
-        """{module: RMS of its output} for the embedding, every block, its attention and MLP, the final norm."""
+        """({module: RMS of its output} for the embedding, every block, its attention and MLP, the final norm;
+        {layer: mean L2 norm of a head's key})."""
         model, found, hooks = self.model, {}, []
 
         def hook(name):
             def record(module, args, output):
                 found[name] = output.detach().float().pow(2).mean().sqrt()
             return record
+
+        def key_hook(name, head_dim):
+            def record(module, args, output):
+                keys[name] = output.detach().float().unflatten(-1, (-1, head_dim)).norm(dim=-1).mean()
+            return record
+
+        keys = {}
 
         watched = [("embed_tokens", model.embed_tokens)]
         for i, block in enumerate(model.layers):
@@ -77,6 +90,8 @@ class NormProbe:
         was_training = model.training
         try:
             hooks = [module.register_forward_hook(hook(name)) for name, module in watched]
+            hooks += [block.self_attn.k_proj.register_forward_hook(key_hook(f"layers.{i}", block.self_attn.head_dim))
+                      for i, block in enumerate(model.layers) if hasattr(block.self_attn, "k_proj")]
             model.eval()
             model(x)
         finally:
@@ -84,13 +99,15 @@ class NormProbe:
                 h.remove()
             model.train(was_training)
         order = [name for name, _ in watched if name in found]
-        return dict(zip(order, torch.stack([found[n] for n in order]).tolist()))
+        values = torch.stack([found[n] for n in order] + list(keys.values())).tolist()
+        return dict(zip(order, values)), dict(zip(keys, values[len(order):]))
 
     def event(self, x):
         """The norms event for this step: weights now, gradients as captured, activations on x."""
         grads, self._grads = self._grads or {}, None
+        acts, keys = self.activations(x)
         return {"kind": "norms", "weight_l2": _round(self._l2(self.groups)), "grad_l2": _round(grads),
-                "act_rms": _round(self.activations(x))}
+                "act_rms": _round(acts), "key_l2": _round(keys)}
 
 
 def _round(values):
