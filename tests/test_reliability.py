@@ -10,7 +10,9 @@ calls it with the status line of every step (train.print_every=1), after that st
 checkpoint duty is due and before the next step's batch is built.
 """
 
+import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -37,13 +39,14 @@ def overrides(tiny_overrides, *extra):
                              "train.threads=1", "train.sample_tokens=4", *extra]
 
 
-def at_step(step, action):
-    """A log callback that runs `action()` once, when the status line of `step` is printed."""
+def at_step(step, action, contains=""):
+    """A log callback that runs `action()` once, at the first line of `step` (holding `contains`) printed."""
     done = []
 
     def log(*args, **kwargs):
-        match = re.match(r"step (\d+)/", " ".join(str(a) for a in args))
-        if match and int(match.group(1)) == step and not done:
+        line = " ".join(str(a) for a in args)
+        match = re.match(r"step (\d+)/", line)
+        if match and int(match.group(1)) == step and contains in line and not done:
             done.append(step)
             action()
     return log
@@ -148,3 +151,109 @@ def test_ids_beyond_the_vocabulary_fail_the_run_naming_shard_and_offset_then_res
     path.write_bytes(original)  # the shard repaired (lmlab prepare again would give these bytes)
     resumed = train(load_config(None, [*config, f"train.resume={run_dir}"]), log=lambda *a, **k: None)
     assert summary(resumed)["status"] == "completed" and same_weights(resumed, reference)
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+@contextlib.contextmanager
+def small_disk(path, size):
+    """A tmpfs of `size` mounted at `path` (root only; skipped where it cannot be mounted)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(folder, leave=64 << 10):
+    """Fill the filesystem of `folder` with a ballast file, leaving about `leave` bytes free."""
+    ballast = Path(folder) / "ballast"
+    with open(ballast, "wb") as f:
+        f.write(b"\0" * max(shutil.disk_usage(folder).free - leave, 0))
+    return ballast
+
+
+def test_size_estimate_matches_the_checkpoints_a_run_writes(reference):
+    from lmlab.rundir.run import load_run
+    from lmlab.training import diskspace
+
+    model = load_run(reference).model
+    path, _ = checkpoint.latest(reference)
+    written = {f.name: f.stat().st_size for f in path.iterdir()}
+    assert abs(diskspace.weights_bytes(model) - written["model.safetensors"]) < 8 << 10
+    assert abs(diskspace.optimizer_bytes(model, "adamw") - written["optimizer.safetensors"]) < 16 << 10
+    assert written["state.json"] < diskspace.STATE_JSON
+    assert diskspace.weights_bytes(model) == pytest.approx((reference / "model.safetensors").stat().st_size, abs=8 << 10)
+
+
+def test_runs_folder_too_small_is_refused_before_the_first_step(tiny_overrides, tmp_path):
+    with small_disk(tmp_path / "small", "1m") as folder:
+        out = subprocess.run([*CLI, *overrides(tiny_overrides, f"train.runs_dir={folder}", "train.run_name=x")],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1, out.stderr
+        assert re.fullmatch(rf"lmlab: error: not enough space in {re.escape(str(folder))}: this run needs "
+                            r"[\d,]+ bytes \(3 checkpoint\(s\) of [\d,]+ bytes .*\) and [\d,]+ bytes are free; .*",
+                            lines[0]), lines[0]
+        assert list(folder.iterdir()) == []  # nothing written
+
+
+def test_disk_full_at_a_checkpoint_fails_the_run_keeping_the_last_one_then_resumes_exactly(
+        tiny_overrides, tmp_path, reference):
+    with small_disk(tmp_path / "small", "16m") as folder:
+        config = overrides(tiny_overrides, f"train.runs_dir={folder}", "train.run_name=full")
+        ballast = []
+        with pytest.raises(LmlabError) as error:
+            train(load_config(None, config), log=at_step(3, lambda: ballast.append(fill(folder))))
+        message, run_dir = one_line(error.value), folder / "full"
+        assert f"checkpoint at step 4 not written to {run_dir / 'checkpoints'} (No space left on device" in message
+        assert "failed after step 4" in message and "newest checkpoint is step_000002" in message
+        assert ".tmp" not in message
+        s = summary(run_dir)
+        assert s["status"] == "failed" and s["steps"] == 4 and s["checkpoint"] == "step_000002"
+        assert "No space left on device" in s["reason"]
+        assert not leftovers(run_dir) and checkpoint.latest(run_dir)[0].name == "step_000002"
+        ballast[0].unlink()
+        resumed = train(load_config(None, [*config, f"train.resume={run_dir}"]), log=lambda *a, **k: None)
+        assert summary(resumed)["status"] == "completed" and same_weights(resumed, reference)
+
+
+def test_disk_full_with_on_checkpoint_error_continue_trains_on_and_the_lost_weights_are_reported(
+        tiny_overrides, tmp_path):
+    with small_disk(tmp_path / "small", "16m") as folder:
+        config = overrides(tiny_overrides, f"train.runs_dir={folder}", "train.run_name=carry-on",
+                           "train.on_checkpoint_error=continue")
+        lines = []
+        hook = at_step(3, lambda: fill(folder))
+        with pytest.raises(LmlabError) as error:
+            train(load_config(None, config), log=lambda *a, **k: (lines.append(" ".join(map(str, a))), hook(*a)))
+        message, run_dir = one_line(error.value), folder / "carry-on"
+        warnings = [line for line in lines if line.startswith("warning: checkpoint at step")]
+        assert [w.split()[4] for w in warnings] == ["4", "6", "8"], warnings  # tried at each trigger, and at the end
+        assert f"the final weights could not be written to {run_dir / 'model.safetensors'} (No space left" in message
+        assert "no checkpoint holds these weights; its newest checkpoint is step_000002" in message
+        s = summary(run_dir)
+        assert s["status"] == "failed" and s["steps"] == STEPS and "final weights" in s["reason"]
+        assert not leftovers(run_dir) and not (run_dir / "model.safetensors").exists()
+
+
+def test_final_weights_refused_name_the_checkpoint_that_holds_them(tiny_overrides, tmp_path, reference):
+    with small_disk(tmp_path / "small", "16m") as folder:
+        config = overrides(tiny_overrides, f"train.runs_dir={folder}", "train.run_name=last")
+        ballast = []
+        hook = at_step(STEPS, lambda: ballast.append(fill(folder)), contains="val_loss")  # after the last checkpoint
+        with pytest.raises(LmlabError) as error:
+            train(load_config(None, config), log=hook)
+        message, run_dir = one_line(error.value), folder / "last"
+        saved = run_dir / "checkpoints" / "step_000008" / "model.safetensors"
+        assert f"the same weights are in {saved}: free some space and copy that file to" in message
+        assert summary(run_dir)["status"] == "failed"
+        ballast[0].unlink()
+        shutil.copy(saved, run_dir / "model.safetensors")
+        assert same_weights(run_dir, reference)
