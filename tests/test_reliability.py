@@ -257,3 +257,127 @@ def test_final_weights_refused_name_the_checkpoint_that_holds_them(tiny_override
         ballast[0].unlink()
         shutil.copy(saved, run_dir / "model.safetensors")
         assert same_weights(run_dir, reference)
+
+
+# ---------------------------------------------------------------- a rank dies or hangs under torchrun
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+TORCHRUN_TIMEOUT = 240  # seconds a 2-process CPU job may take on a loaded 2-core machine
+FAULTY_RANK = """
+# Rank 1 sends itself FAULT_SIGNAL at the training forward of step FAULT_AT (one micro-batch per rank and step).
+import os, signal, sys
+from lmlab.cli import main
+from lmlab.model.transformer import Transformer
+
+real, calls = Transformer.forward, [0]
+
+
+def forward(self, input_ids, kv_cache=None, targets=None):
+    if targets is not None and self.training:
+        calls[0] += 1
+        if os.environ["RANK"] == "1" and calls[0] == int(os.environ["FAULT_AT"]):
+            os.kill(os.getpid(), signal.Signals[os.environ["FAULT_SIGNAL"]])
+    return real(self, input_ids, kv_cache=kv_cache, targets=targets)
+
+
+Transformer.forward = forward
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def torchrun(args, timeout=TORCHRUN_TIMEOUT, **env):
+    """(exit code, output, seconds) of a 2-process CPU job; the whole process group is killed if it overruns."""
+    import time
+
+    started = time.monotonic()
+    process = subprocess.Popen([*TORCHRUN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", **env}, start_new_session=True)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        pytest.fail(f"the torchrun job did not end in {timeout}s")
+    return process.returncode, out.decode(), time.monotonic() - started
+
+
+def ddp_overrides(tiny_overrides, *extra):
+    return overrides(tiny_overrides, "train.grad_accum=2", "train.parallel=ddp", *extra)
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(small_corpus, data_cache, tmp_path_factory):
+    """A 2-process DDP job never interrupted: what a failed and resumed job must end equal to (bitwise)."""
+    from evals_support import tiny_overrides
+
+    runs_dir = tmp_path_factory.mktemp("ddp") / "runs"
+    args = ddp_overrides(tiny_overrides(small_corpus, data_cache, runs_dir), "train.run_name=reference")
+    code, out, _ = torchrun(["-m", "lmlab", "train", *args])
+    assert code == 0, out[-3000:]
+    return runs_dir / "reference", runs_dir
+
+
+def lmlab_lines(out):
+    return [line for line in out.splitlines() if line.startswith("lmlab: error:")]
+
+
+def no_lmlab_traceback(out):
+    """torchrun prints its own report; no traceback may come from lmlab's code in the workers."""
+    return not re.search(r'File ".*/lmlab/', out)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_ends_the_job_as_failed_and_resumes_exactly_under_the_same_command(
+        ddp_reference, tmp_path, tiny_overrides):
+    reference, runs_dir = ddp_reference
+    entry = tmp_path / "entry.py"
+    entry.write_text(FAULTY_RANK)
+    args = ddp_overrides(tiny_overrides, f"train.runs_dir={runs_dir}", "train.run_name=killed")
+    code, out, took = torchrun([str(entry), "train", *args], FAULT_SIGNAL="SIGKILL", FAULT_AT="5")
+    run_dir = runs_dir / "killed"
+    print(f"killed rank: job ended after {took:.1f}s, exit {code}\n{out[-2500:]}")
+    assert code != 0
+    lines = lmlab_lines(out)
+    assert len(lines) == 1 and no_lmlab_traceback(out), out[-3000:]
+    assert re.match(rf"lmlab: error: rank 0: run {re.escape(str(run_dir))} failed after step 4: another process of "
+                    r"the job stopped \(.+\); its newest checkpoint is step_000004: continue with `lmlab train "
+                    r"--resume .*` under the same torchrun command$", lines[0]), lines[0]
+    s = summary(run_dir)
+    assert s["status"] == "failed" and s["steps"] == 4 and s["checkpoint"] == "step_000004"
+    assert "another process of the job stopped" in s["reason"]
+    checkpoint.latest(run_dir)  # verifies
+    assert not leftovers(run_dir)
+    code, out, _ = torchrun(["-m", "lmlab", "train", "--resume", str(run_dir)])
+    assert code == 0, out[-3000:]
+    assert summary(run_dir)["status"] == "completed" and same_weights(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_a_rank_stopped_fails_the_job_within_the_collective_timeout_and_resumes_on_one_process(
+        ddp_reference, tmp_path, tiny_overrides):
+    reference, runs_dir = ddp_reference
+    entry = tmp_path / "entry.py"
+    entry.write_text(FAULTY_RANK)
+    args = ddp_overrides(tiny_overrides, f"train.runs_dir={runs_dir}", "train.run_name=stopped",
+                         "train.collective_timeout=5")
+    code, out, took = torchrun([str(entry), "train", *args], FAULT_SIGNAL="SIGSTOP", FAULT_AT="5")
+    run_dir = runs_dir / "stopped"
+    failed_at = (run_dir / "summary.json").stat().st_mtime - (run_dir / "metrics.jsonl").stat().st_mtime
+    print(f"stopped rank: summary.json {failed_at:.1f}s after the last metrics line; job ended after {took:.1f}s, "
+          f"exit {code}\n{out[-2500:]}")
+    assert code != 0
+    lines = lmlab_lines(out)
+    assert len(lines) == 1 and no_lmlab_traceback(out), out[-3000:]
+    assert ("failed after step 4: another process of the job did not answer within train.collective_timeout=5s "
+            "(hung or stopped); its newest checkpoint is step_000004") in lines[0]
+    s = summary(run_dir)
+    assert s["status"] == "failed" and s["steps"] == 4 and "collective_timeout" in s["reason"]
+    assert not leftovers(run_dir)
+    notes = []  # another number of processes: allowed, with a note (data order kept; dropout RNG from rank 0)
+    resumed = train(load_config(None, [*args[:-1], f"train.resume={run_dir}", "train.parallel=auto"]),
+                    log=lambda *a, **k: notes.append(" ".join(map(str, a))))
+    assert any("written by 2 process(es), this run has 1" in n for n in notes), notes
+    assert summary(resumed)["status"] == "completed"
+    from safetensors.torch import load_file
+
+    got, want = load_file(str(resumed / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
