@@ -59,6 +59,7 @@ def summary(run_dir):
 def one_line(error):
     """The message the CLI prints as `lmlab: error: ...`: one line, no traceback."""
     text = str(error)
+    print(f"lmlab: error: {text}")  # with -s: the lines docs/reliability.md quotes
     assert "\n" not in text and "Traceback" not in text, text
     return text
 
