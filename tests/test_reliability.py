@@ -128,6 +128,24 @@ def test_old_meta_without_checksums_still_trains(tiny_overrides, shards):
     assert summary(run)["status"] == "completed"
 
 
+def test_ids_beyond_the_vocabulary_before_the_run_are_refused_before_the_first_step(tiny_overrides, shards, tmp_path):
+    """Shards without checksums (an older lmlab prepared them): the baseline's token count sees the bad id."""
+    path, meta = train_shard(shards)
+    del meta["sha256"]
+    (shards / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    tokens = np.load(path, mmap_mode="r+")
+    tokens[1234] = meta["vocab_size"]
+    tokens.flush()
+    del tokens
+    with pytest.raises(LmlabError) as error:
+        train(load_config(None, overrides(tiny_overrides, f"data.shards={shards}", "train.run_name=x")),
+              log=lambda *a, **k: None)
+    assert one_line(error.value) == (f"shard {path} holds token id {meta['vocab_size']} at token offset 1,234, outside "
+                                     f"the vocabulary of {meta['vocab_size']}: the shard is damaged; re-run lmlab "
+                                     "prepare (or delete that cache directory to have it rebuilt)")
+    assert not (tmp_path / "runs" / "x").exists()
+
+
 def test_ids_beyond_the_vocabulary_fail_the_run_naming_shard_and_offset_then_resume_exactly(
         tiny_overrides, shards, reference):
     """A shard damaged during the run (after its checksum was checked): caught where the batch is built."""
