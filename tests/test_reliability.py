@@ -400,3 +400,33 @@ def test_a_rank_stopped_fails_the_job_within_the_collective_timeout_and_resumes_
 
     got, want = load_file(str(resumed / "model.safetensors")), load_file(str(reference / "model.safetensors"))
     assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
+
+
+# ---------------------------------------------------------------- any other error
+
+
+def test_a_refused_write_is_named_by_its_file_not_the_temporary_one():
+    import errno
+
+    from lmlab.training.failure import describe
+
+    error = OSError(errno.ENOSPC, "No space left on device", "/runs/r/.samples.md.k3j_2x.tmp")
+    assert describe(error, None) == (True, False, "No space left on device (/runs/r/samples.md)")
+
+
+def test_an_unexpected_error_keeps_its_traceback_and_the_summary_says_failed(tiny_overrides, tmp_path, monkeypatch):
+    import lmlab.training.loop as loop
+
+    real = loop.train_step
+
+    def train_step(run, state, step):
+        if step == 3:  # the fourth step, counted from 0
+            raise ZeroDivisionError("a bug")
+        return real(run, state, step)
+
+    monkeypatch.setattr(loop, "train_step", train_step)
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        train(load_config(None, overrides(tiny_overrides, "train.run_name=bug")), log=lambda *a, **k: None)
+    s = summary(tmp_path / "runs" / "bug")
+    assert s["status"] == "failed" and s["reason"] == "ZeroDivisionError: a bug"
+    assert s["steps"] == 3 and s["checkpoint"] == "step_000002"
