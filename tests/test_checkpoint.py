@@ -194,7 +194,7 @@ def test_nothing_in_lmlab_unpickles():
             assert call not in text, f"{path.name} uses {call}"
 
 
-def test_a_failing_checkpoint_write_warns_keeps_the_previous_one_and_training_goes_on(tiny_overrides, monkeypatch):
+def _disk_full_after_first(monkeypatch):
     import safetensors.torch
 
     real = safetensors.torch.save_file
@@ -206,13 +206,32 @@ def test_a_failing_checkpoint_write_warns_keeps_the_previous_one_and_training_go
         return real(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full_after_first)
+
+
+def test_a_failing_checkpoint_write_stops_the_run_and_keeps_the_previous_one(tiny_overrides, monkeypatch, tmp_path):
+    _disk_full_after_first(monkeypatch)
+    config = overrides(tiny_overrides, "train.checkpoint_every=5", "train.max_steps=12", "train.run_name=stops")
+    with pytest.raises(LmlabError, match=r"failed after step 10: checkpoint at step 10 not written to .*"
+                                         r"\(No space left on device; a checkpoint takes about [\d,]+ bytes, [\d,]+ "
+                                         r"are free\).*its newest checkpoint is step_000005") as error:
+        train(load_config(None, config), log=lambda *a: None)
+    run_dir = tmp_path / "runs" / "stops"
+    assert ".tmp" not in str(error.value)
+    assert [s for s, _ in checkpoint.list_checkpoints(run_dir)] == [5] and leftovers(run_dir) == []
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 10 and summary["checkpoint"] == "step_000005"
+
+
+def test_a_failing_checkpoint_write_warns_keeps_the_previous_one_and_training_goes_on(tiny_overrides, monkeypatch):
+    _disk_full_after_first(monkeypatch)
     lines = []
     run_dir = train(load_config(None, overrides(tiny_overrides, "train.checkpoint_every=5", "train.max_steps=12",
-                                                "train.run_name=full-disk")), log=lines.append)
+                                                "train.run_name=full-disk", "train.on_checkpoint_error=continue")),
+                    log=lines.append)
     warnings = [line for line in lines if line.startswith("warning: checkpoint")]
     assert len(warnings) == 2  # step 10 and the end (12)
     assert warnings[0].startswith(f"warning: checkpoint at step 10 not written to {run_dir / 'checkpoints'} "
-                                  "(No space left on device); ")
+                                  "(No space left on device; a checkpoint takes about ")
     assert warnings[0].endswith("; the latest checkpoint is still step_000005; training goes on")
     assert [s for s, _ in checkpoint.list_checkpoints(run_dir)] == [5]
     checkpoint.verify(run_dir / "checkpoints" / "step_000005")

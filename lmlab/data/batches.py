@@ -179,9 +179,12 @@ def unigram_loss(train, val_batches, max_tokens=50_000_000):
     vocab = train.meta["vocab_size"]
     counts = np.ones(vocab, dtype=np.float64)
     budget = max_tokens
-    for shard in train.shards:
+    for shard, path in zip(train.shards, train.shard_paths):
         part = np.asarray(shard[:budget])
-        counts += np.bincount(part, minlength=vocab)[:vocab]
+        counted = np.bincount(part, minlength=vocab)
+        if len(counted) > vocab:  # an id beyond the vocabulary: a damaged shard, refused before the first step
+            integrity.check_ids(part[None, :], vocab, lambda r, c, p=path: (p, c), REBUILD)
+        counts += counted
         budget -= len(part)
         if budget <= 0:
             break

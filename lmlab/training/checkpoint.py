@@ -33,8 +33,9 @@ Design choices:
 - Optimizer hyperparameters come from the config, not the checkpoint: only the
   per-parameter state is loaded, so an allowed change (optim.lr, weight_decay,
   ...) takes effect and an unchanged config gives the very same numbers.
-- A checkpoint that cannot be written (disk full, no permission) is a warning,
-  not the end of the run: the previous checkpoint stays intact and named, and
+- A checkpoint that cannot be written (disk full, no permission) ends the run
+  (status failed, see failure.py) with the previous checkpoint intact and
+  named; with train.on_checkpoint_error=continue it is a warning instead and
   the next trigger tries again (`Checkpointer`).
 """
 
@@ -66,6 +67,10 @@ NAME = re.compile(r"step_(\d+)")
 
 class CheckpointError(LmlabError):
     """A checkpoint that is incomplete, corrupt, or not a checkpoint at all."""
+
+
+class CheckpointWriteError(LmlabError):
+    """A checkpoint the disk refused, under train.on_checkpoint_error=stop: the run ends (status failed)."""
 
 
 def step_name(step):
@@ -401,7 +406,8 @@ class Checkpointer:
     def save(self, state, model, optimizer, scaler, metrics, stateful=None, parallel=None):
         """Save the run at `state` (a TrainState); True when written.
 
-        A failed write is logged (one line) and training goes on.
+        A failed write raises CheckpointWriteError (train.on_checkpoint_error=stop), or is logged
+        (one line) and training goes on (continue).
         """
         step = state.step
         if not self.keep or step == self.last_step or step == 0:
@@ -423,10 +429,23 @@ class Checkpointer:
                 return True
             previous = list_checkpoints(self.run_dir)
             still = f"the latest checkpoint is still {previous[-1][1].name}" if previous else "there is no earlier checkpoint"
-            self.log(f"warning: checkpoint at step {step} not written to {self.run_dir / DIR} ({reason}); "
-                     f"{still}; training goes on")
+            what = f"checkpoint at step {step} not written to {self.run_dir / DIR} ({reason}{_room(self.run_dir, model, self.config.optim.name)})"
+            if self.config.train.on_checkpoint_error == "stop":
+                raise CheckpointWriteError(what + " (train.on_checkpoint_error=continue trains on without it)") from None
+            self.log(f"warning: {what}; {still}; training goes on")
             return False
         return True
+
+
+def _room(run_dir, model, optimizer_name):
+    """', N bytes needed, M free' for a message about a write that failed."""
+    from lmlab.training import diskspace
+
+    try:
+        one = diskspace.checkpoint_bytes(model, optimizer_name)
+        return f"; a checkpoint takes about {one:,} bytes, {diskspace.free_bytes(run_dir):,} are free"
+    except OSError:
+        return ""
 
 
 def data_identity(meta):

@@ -28,6 +28,7 @@ Design choices:
 
 import errno
 import json
+import re
 import time
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def describe(error, train_config):
     if isinstance(error, LmlabError):
         return True, False, str(error)
     if isinstance(error, OSError) and error.errno in DISK_ERRORS:
-        return True, False, f"{error.strerror} ({error.filename or 'while writing'})"
+        return True, False, f"{error.strerror} ({_target(error.filename) or 'while writing'})"
     text = str(error)
     if _distributed(error):
         if any(sign in text for sign in TIMEOUT_SIGNS):
@@ -79,6 +80,15 @@ def describe(error, train_config):
         cause = next((sign for sign in PEER_SIGNS if sign in text), text.strip().splitlines()[-1][:200])
         return True, True, f"another process of the job stopped ({cause})"
     return False, False, f"{type(error).__name__}: {text}"
+
+
+def _target(filename):
+    """The file a write was for: atomic.py's temporary `.NAME.XXXXXXXX.tmp` named as NAME, in the same folder."""
+    if not filename:
+        return None
+    path = Path(str(filename))
+    match = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", path.name)
+    return str(path.with_name(match.group(1))) if match else str(path)
 
 
 def _distributed(error):

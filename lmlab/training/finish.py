@@ -17,12 +17,14 @@ Design choices:
 import math
 
 from lmlab import atomic
+from lmlab.errors import LmlabError
 from lmlab.model.sampling import generate
 from lmlab.model.transformer import Transformer
 from lmlab.rundir import run as rundir
 from lmlab.rundir.metrics import write_summary
 from lmlab.rundir.plots import plot_loss
 from lmlab.rundir.status import DIVERGED, GOOD
+from lmlab.training.checkpoint import list_checkpoints
 from lmlab.training.duties import evaluate_and_record
 
 
@@ -39,7 +41,7 @@ def finish(run, state, signals):
     if run.parallel.mode == "fsdp":  # rank 0 writes and samples from an unsharded copy
         model = Transformer(run.config.model).to(run.device)
         model.load_state_dict(weights)
-    rundir.save_weights(model, run.run_dir, state=weights)
+    _save_final_weights(run, state, model, weights)
     write_summary(run.run_dir, summary(run, state, model, signals))
     plot_loss(run.run_dir)
     if state.status in GOOD:
@@ -49,6 +51,32 @@ def finish(run, state, signals):
     run.log(f"{state.status}: {state.step} steps, val_loss {state.val_loss:.4f}, {state.elapsed_s:.0f}s training "
             f"-> {run.run_dir}")
     return run.run_dir
+
+
+class FinalWeightsError(LmlabError):
+    """The final weights could not be written; `next_step` says where the same weights are."""
+
+    def __init__(self, message, next_step):
+        super().__init__(message)
+        self.next_step = next_step
+
+
+def _save_final_weights(run, state, model, weights):
+    """model.safetensors; a refused write names the folder and where the same weights are (the last checkpoint)."""
+    try:
+        rundir.save_weights(model, run.run_dir, state=weights)
+    except OSError as e:
+        target = run.run_dir / rundir.WEIGHTS
+        checkpoints = list_checkpoints(run.run_dir)
+        if checkpoints and checkpoints[-1][0] == state.step:
+            saved = checkpoints[-1][1] / rundir.WEIGHTS
+            next_step = f"the same weights are in {saved}: free some space and copy that file to {target}"
+        else:
+            next_step = ("no checkpoint holds these weights"
+                         + (f"; its newest checkpoint is {checkpoints[-1][1].name}: continue with "
+                            f"`lmlab train --resume {run.run_dir}`" if checkpoints else ""))
+        raise FinalWeightsError(f"the final weights could not be written to {target} ({e.strerror})",
+                                next_step) from None
 
 
 def summary(run, state, model, signals):

@@ -47,7 +47,7 @@ from lmlab.rundir import run as rundir
 from lmlab.rundir.env import write_env
 from lmlab.rundir.metrics import MetricsLog, NoMetrics
 from lmlab.rundir.sinks import StatusLine, open_sinks
-from lmlab.training import checkpoint, perf, resume, schedules
+from lmlab.training import checkpoint, diskspace, perf, resume, schedules
 from lmlab.training.fastpaths import prepare_model
 from lmlab.training.faults import NonFiniteGuard
 from lmlab.training.memories import Memories
@@ -110,6 +110,8 @@ def setup(config, log, parallel):
     _place(run)
     resumed = _resume_and_data(run)
     train_batches = _model_and_data(run, resumed)
+    if run.parallel.is_main:  # room for the checkpoints and final weights, before anything is written
+        diskspace.check(run.model, config, resumed.run_dir if resumed else None)
     _open_run_dir(run, resumed)
     _log_start(run)
     _optimization(run)
