@@ -50,6 +50,13 @@ class EvalOptions:
     lengths: tuple | None = _flag(None, "probe sequence lengths (default 4 .. twice the context)",
                                   type=int_list, metavar="N,N,...")
     samples: int = _flag(32, "probe sequences per length (history: twice as many)")
+    distance: tuple | None = _flag(None, "copy probe: the source lies D tokens before its copy, which starts a "
+                                   "segment (so it is in the previous one; docs/long-documents.md)",
+                                   type=int_list, metavar="D,D,...")
+    no_memory: bool = _flag(False, "a model trained with model.memory: read --text and --distance segments "
+                                   "without the memory, to compare")
+    segments: bool = _flag(False, "score --text segment by segment (as stream training reads) even for a model "
+                                  "without memory; loss by segment index and position")
     separator: str | None = _flag(None, "text between a probe sequence and its copy (default: the end-of-text token)",
                                   metavar="TEXT")
     choice: tuple = _flag((), "multiple-choice file (CSV / JSONL) or bundled set: mmlu, mmlu-dev, cmmlu, cmmlu-dev",
@@ -82,6 +89,8 @@ class EvalOptions:
             raise LmlabError(f"--stride must be positive, got {self.stride}")
         if self.samples <= 0 or self.limit < 0 or self.shots < 0 or any(n <= 0 for n in self.lengths or ()):
             raise LmlabError("--samples and --lengths must be positive, --limit and --shots >= 0")
+        if self.distance is not None and ("copy" not in self.probe or any(d <= 0 for d in self.distance)):
+            raise LmlabError("--distance needs --probe copy and positive distances, e.g. --probe copy --distance 16,64")
         for name in self.probe:
             if name not in PROBES:
                 raise LmlabError(f"unknown probe {name!r}; choose copy, reverse or history")
