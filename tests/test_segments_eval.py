@@ -99,3 +99,21 @@ def test_lmlab_eval_on_a_memory_run(tiny_overrides, tmp_path, small_corpus):
     assert json.loads((run / "evals" / "segments-valid.json").read_text())["by_segment"]
     probe = run_evals(run, probe=("copy",), distance=(8, 40), samples=2, log=lambda *_: None)["copy-distance"]
     assert [r["distance"] for r in probe["distances"]] == [8, 40] and np.isfinite(probe["distances"][0]["accuracy"])
+
+
+def test_a_memory_run_exports_with_a_note_and_the_same_weights(tiny_overrides, tmp_path):
+    """The memory holds no weights: export keeps them all and says the exported model reads one window at a time."""
+    from safetensors.torch import load_file
+
+    from lmlab import load_config, train
+    from lmlab.rundir.hf import export_hf
+
+    ov = tiny_overrides + ["data.packing=stream", "model.memory=16", "model.context_length=32", "train.max_steps=2",
+                           "train.eval_every=0"]
+    run = train(load_config(None, ov), log=lambda *_: None)
+    lines = []
+    out = export_hf(run, tmp_path / "hf", log=lines.append)
+    assert any("model.memory=16" in line and "no memory across segments" in line for line in lines)
+    exported, saved = load_file(str(out / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    assert all(torch.equal(exported["model." + k] if "model." + k in exported else exported[k], v)
+               for k, v in saved.items())
