@@ -100,3 +100,23 @@ def test_other_packings_are_unchanged_by_the_new_keyword(shards):
     plain = Batches(shards["dir"], "train", 4, T, packing="concat", seed=5).get(3, 1)
     keyed = Batches(shards["dir"], "train", 4, T, packing="concat", seed=5, segments_per_document=2, streams=9).get(3, 1)
     assert all(torch.equal(p, q) for p, q in zip(plain, keyed)) and not hasattr(plain, "new_doc")
+
+
+def test_bundled_books_corpus_reads_as_chapters_and_matches_its_record():
+    """559 train chapters of three novels, Frankenstein's 27 held out; the sha256s are those SOURCES.md records."""
+    import hashlib
+    import lzma
+
+    from lmlab.config import load_config
+    from lmlab.data.corpora import CORPORA_DIR, bundled_corpus
+    from lmlab.data.documents import iter_documents
+
+    train, valid = bundled_corpus("books")
+    record = (CORPORA_DIR / "SOURCES.md").read_text(encoding="utf-8")
+    for path, count in ((train[0], 559), (valid[0], 27)):
+        assert hashlib.sha256(lzma.decompress(path.read_bytes())).hexdigest() in record
+        assert sum(ends for _, ends in iter_documents(path)) == count
+    first = next(text for text, _ in iter_documents(valid[0]))
+    assert first.startswith("Frankenstein;") and "Letter 1" in first
+    config = load_config("cpu-books-memory")
+    assert (config.data.corpus, config.data.packing, config.model.memory) == ("books", "stream", 128)

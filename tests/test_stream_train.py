@@ -4,12 +4,12 @@ import json
 import subprocess
 
 import pytest
-
 from ckpt_support import events, quiet, same_weights, series
-from lmlab import load_config, train
-from lmlab.errors import LmlabError
 from test_distributed import finish, max_weight_difference, torchrun
 from test_resume_kill import CLI, TIMEOUT, kill_at
+
+from lmlab import load_config, train
+from lmlab.errors import LmlabError
 
 STREAM = ["data.packing=stream", "model.memory=24", "model.context_length=32", "data.segments_per_document=6",
           "train.grad_accum=2", "train.threads=1", "train.checkpoint_minutes=0", "train.sample_tokens=4"]

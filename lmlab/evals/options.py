@@ -54,6 +54,13 @@ class EvalOptions:
     random_tokens: str = _flag("seen", "tokens of random probe sequences: seen in the training shards (default), "
                                        "drawn by their training frequency, or the whole vocabulary",
                                choices=RANDOM_TOKENS)
+    distance: tuple | None = _flag(None, "copy probe: the source lies D tokens before its copy, which starts a "
+                                   "segment (so it is in the previous one; docs/long-documents.md)",
+                                   type=int_list, metavar="D,D,...")
+    no_memory: bool = _flag(False, "a model trained with model.memory: read --text and --distance segments "
+                                   "without the memory, to compare")
+    segments: bool = _flag(False, "score --text segment by segment (as stream training reads) even for a model "
+                                  "without memory; loss by segment index and position")
     separator: str | None = _flag(None, "text between a probe sequence and its copy (default: the end-of-text token)",
                                   metavar="TEXT")
     repetition: bool = _flag(False, "share of repeated n-grams in continuations of validation-text prompts, "
@@ -91,6 +98,8 @@ class EvalOptions:
             raise LmlabError(f"--new-tokens must be positive, got {self.new_tokens}")
         if self.samples <= 0 or self.limit < 0 or self.shots < 0 or any(n <= 0 for n in self.lengths or ()):
             raise LmlabError("--samples and --lengths must be positive, --limit and --shots >= 0")
+        if self.distance is not None and ("copy" not in self.probe or any(d <= 0 for d in self.distance)):
+            raise LmlabError("--distance needs --probe copy and positive distances, e.g. --probe copy --distance 16,64")
         for name in self.probe:
             if name not in PROBES:
                 raise LmlabError(f"unknown probe {name!r}; choose copy, reverse or history")

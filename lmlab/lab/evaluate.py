@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.errors import LmlabError
-from lmlab.evals import choice, output, perplexity, probes, repetition
+from lmlab.evals import choice, output, perplexity, probes, repetition, segments
 from lmlab.evals.options import EvalOptions
 
 
@@ -128,7 +128,12 @@ def run_evals(path, options=None, log=print, **changes):
 def _evaluations(target, o, log, **common):
     """(name, result, table, plot?) of each evaluation asked for, each computed when it is drawn."""
     model, tokenizer = target.model, target.tokenizer
-    if o.text:
+    if o.text and (o.segments or getattr(model.config, "memory", 0)):  # long documents (evals/segments.py)
+        result = segments.segment_perplexity(model, tokenizer, perplexity.read_documents(o.text, o.text_key, o.limit),
+                                             memory=not o.no_memory, **common)
+        name = "segments-" + choice.base_name(o.text[0]) + ("" if result["memory"] else "-no-memory")
+        yield name, result, segments.segments_table(result), False
+    elif o.text:
         result = perplexity.text_perplexity(model, tokenizer, o.text, text_key=o.text_key, stride=o.stride,
                                             limit=o.limit, **common)
         name = "text-" + choice.base_name(o.text[0]) + (f"-and-{len(o.text) - 1}-more" if len(o.text) > 1 else "")
@@ -144,6 +149,13 @@ def _evaluations(target, o, log, **common):
         stream = _probe_stream(target, o.probe_text, o.text_key, log)
         counts = _training_counts(target, stream, o, log)
         for name in o.probe:
+            if name == "copy" and o.distance:
+                result = segments.distance_copy_probe(model, tokenizer, o.distance, length=(o.lengths or (8,))[0],
+                                                      samples=o.limit or o.samples, seed=o.seed,
+                                                      memory=not o.no_memory, **common)
+                suffix = "" if result["memory"] else "-no-memory"
+                yield "copy-distance" + suffix, result, segments.distance_table(result), False
+                continue
             result = _probe(name, target, stream, counts, o, **common)
             yield name, result, output.probe_table(result), True
     if o.repetition:

@@ -33,6 +33,9 @@ def export_hf(run, out_dir, log=None):
                     {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": pad_id})
     if log:
         log(f"{architecture} ({run.model.num_params():,} parameters) -> {out_dir}")
+        if model_config.memory:  # the memory is no weight: the same weights work without it
+            log(f"note: trained with model.memory={model_config.memory}; the exported model has the same weights "
+                f"but no memory across segments: it reads {model_config.context_length} tokens at a time")
     return out_dir
 
 

@@ -1,0 +1,134 @@
+"""Long documents read segment by segment, as stream training reads them, with or without the model's memory.
+
+    lmlab eval RUN --text book.txt                  # loss by segment index and by position in the segment
+    lmlab eval RUN --text book.txt --no-memory      # the same segments, each on its own
+    lmlab eval RUN --probe copy --distance 32,64    # copy a sequence whose source lies D tokens back
+
+Design choices:
+- A document is scored as training reads it: "<|endoftext|> document
+  <|endoftext|>" cut into consecutive segments of context_length tokens, in
+  order, one row per document. With memory (model.memory, lmlab.model.memory)
+  each segment also sees the row's previous M tokens; without, it sees only
+  itself. Every token is a target exactly once either way, so the two losses
+  compare token for token.
+- Loss by segment index shows whether later segments profit from what came
+  before; loss by position within the segment shows where: without memory the
+  first tokens of a segment have no context, with memory they have M tokens.
+- The distance copy probe places a random source of `length` tokens D tokens
+  before its repetition, and the repetition at the start of a segment. So for
+  D up to the segment length the source lies in the previous segment: only the
+  memory can hold it, and accuracy above chance (1 / vocabulary) at D <= M with
+  memory, and none without, is the test. Filler and source are uniform random
+  tokens (no special tokens), drawn from the seed.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from lmlab.device import autocast
+from lmlab.evals.output import table
+
+BUCKETS = 8  # position-in-segment buckets of the table
+
+
+@torch.no_grad()
+def _run_segments(model, rows, use_memory, device, precision):
+    """Per-token log-probabilities and argmax hits of `rows` (B, n) int64, read in segments of context_length.
+
+    Returns (logprobs, hits), each (B, n - 1): the prediction of token t+1 from tokens .. t.
+    """
+    T = model.config.context_length
+    rows = torch.as_tensor(rows, dtype=torch.long, device=device)
+    memory = model.new_memory(rows.shape[0], device=device) if use_memory else None
+    logprobs, hits = [], []
+    model.eval()
+    for start in range(0, rows.shape[1] - 1, T):
+        x, y = rows[:, start:start + T], rows[:, start + 1:start + T + 1]
+        x = x[:, :y.shape[1]]
+        with autocast(precision, device):
+            logits = model(x, memory=memory) if memory is not None else model(x)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        logprobs.append(logp.gather(-1, y[..., None]).squeeze(-1).cpu())
+        hits.append((logits.argmax(-1) == y).cpu())
+    return torch.cat(logprobs, 1).numpy(), torch.cat(hits, 1).numpy()
+
+
+def segment_perplexity(model, tokenizer, documents, memory=True, device="cpu", precision="fp32"):
+    """Loss of each document read segment by segment; by segment index, by position in the segment, overall.
+
+    `documents`: [(file, text)] (lmlab.evals.perplexity.read_documents). `memory` False reads each
+    segment alone (for a model with memory: the comparison; for one without: its only way).
+    """
+    T = model.config.context_length
+    use_memory = bool(memory and getattr(model.config, "memory", 0))
+    eot = tokenizer.eot_id
+    by_segment, by_position = {}, np.zeros((BUCKETS, 2))
+    total = [0.0, 0]
+    for ids in tokenizer.encode_batch([text for _, text in documents]):
+        row = np.array([eot] + ids + [eot], dtype=np.int64)[None]
+        logprobs, _ = _run_segments(model, row, use_memory, device, precision)
+        nats = -logprobs[0]
+        for index, begin in enumerate(range(0, len(nats), T)):
+            part = nats[begin:begin + T]
+            slot = by_segment.setdefault(index, [0.0, 0])
+            slot[0] += float(part.sum())
+            slot[1] += len(part)
+            bucket = np.arange(len(part)) * BUCKETS // T
+            np.add.at(by_position, (bucket, 0), part)
+            np.add.at(by_position, (bucket, 1), 1)
+        total[0] += float(nats.sum())
+        total[1] += len(nats)
+    return {
+        "kind": "segments", "memory": use_memory, "model_memory": getattr(model.config, "memory", 0),
+        "context_length": T, "documents": len(documents),
+        "overall": {"loss": total[0] / max(total[1], 1), "tokens": total[1]},
+        "by_segment": [{"segment": i, "loss": s / n, "tokens": n} for i, (s, n) in sorted(by_segment.items())],
+        "by_position": [{"positions": f"{b * T // BUCKETS}-{(b + 1) * T // BUCKETS - 1}",
+                         "loss": s / n if n else math.nan, "tokens": int(n)} for b, (s, n) in enumerate(by_position)],
+    }
+
+
+def distance_copy_probe(model, tokenizer, distances, length=8, samples=32, seed=0, memory=True, device="cpu",
+                        precision="fp32"):
+    """Copy accuracy when the source lies D tokens before its repetition, the repetition starting a segment.
+
+    Accuracy counts the repetition's tokens after its first (the first cannot be known), argmax == source.
+    """
+    T = model.config.context_length
+    use_memory = bool(memory and getattr(model.config, "memory", 0))
+    specials = {tokenizer.eot_id, getattr(tokenizer, "pad_id", None)}
+    allowed = np.array([i for i in range(tokenizer.vocab_size) if i not in specials], dtype=np.int64)
+    rows = []
+    for distance in distances:
+        if distance < length:
+            raise ValueError(f"distance {distance} is shorter than the copied sequence ({length} tokens)")
+        rng = np.random.default_rng([seed, distance])
+        copy_at = T * max(1, -(-distance // T))  # the repetition starts a segment, the source D tokens before
+        seq = allowed[rng.integers(0, len(allowed), size=(samples, copy_at + length))]
+        seq[:, copy_at:] = seq[:, copy_at - distance:copy_at - distance + length]
+        _, hits = _run_segments(model, seq, use_memory, device, precision)
+        correct = hits[:, copy_at:copy_at + length - 1]  # predictions of repetition tokens 1 .. length-1
+        in_memory = use_memory and distance <= model.config.memory
+        rows.append({"distance": distance, "accuracy": float(correct.mean()), "within_memory": in_memory})
+    return {"kind": "distance-copy", "memory": use_memory, "model_memory": getattr(model.config, "memory", 0),
+            "context_length": T, "length": length, "samples": samples, "seed": seed,
+            "chance": 1 / len(allowed), "distances": rows}
+
+
+def segments_table(result):
+    """Plain-text tables of a segment_perplexity result: by segment index, then by position in the segment."""
+    head = (f"memory {'on' if result['memory'] else 'off'} (model.memory={result['model_memory']}), "
+            f"{result['documents']} documents, overall loss {result['overall']['loss']:.4f}")
+    by_segment = table(["segment", "loss", "tokens"], [[r["segment"], r["loss"], r["tokens"]] for r in result["by_segment"]])
+    by_position = table(["position in segment", "loss", "tokens"],
+                        [[r["positions"], r["loss"], r["tokens"]] for r in result["by_position"]])
+    return f"{head}\n\n{by_segment}\n\n{by_position}"
+
+
+def distance_table(result):
+    head = (f"memory {'on' if result['memory'] else 'off'} (model.memory={result['model_memory']}), copy of "
+            f"{result['length']} random tokens, {result['samples']} samples, chance {result['chance']:.4f}")
+    rows = [[r["distance"], r["accuracy"], "yes" if r["within_memory"] else "no"] for r in result["distances"]]
+    return head + "\n" + table(["distance", "accuracy", "source within memory"], rows)
