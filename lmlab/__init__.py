@@ -6,6 +6,7 @@ Python entry points mirror the CLI verbs:
     run_dir = lmlab.train(lmlab.load_config("cpu-quickstart", ["train.max_steps=50"]))
     run = lmlab.load_run(run_dir)
     print(lmlab.generate(run.model, run.tokenizer, "Once upon a time"))  # the new text only
+    tok = lmlab.load_tokenizer(run_dir, special_tokens=["<|im_start|>"])  # any tokenizer lmlab reads
 
 The house, along the path of data (arrows point down it: data and model know
 nothing of training, training knows nothing of lab, no import circles):
