@@ -340,3 +340,9 @@ def test_eval_of_a_hugging_face_folder_writes_beside_it_not_into_it(tiny_run, sm
     assert main(["eval", str(hf), "--text", str(small_corpus[1]), "--limit", "1"]) == 0
     assert sorted(p.name for p in hf.iterdir()) == before  # the exported folder is as lmlab export wrote it
     assert (tmp_path / "hf" / "tiny-evals" / "text-valid.json").is_file()
+
+
+def test_a_run_config_with_resume_auto_still_continues_that_run(tiny_run, capsys):
+    config = load_config(tiny_run / "config.toml", ["train.resume=auto", "train.max_steps=6"])
+    assert config.train.run_name == "tiny"  # resume=auto names the run itself: its name is kept
+    assert load_config(tiny_run / "config.toml", ["train.run_name=tiny"]).train.run_name == "tiny"
