@@ -495,7 +495,8 @@ EVAL = Verb(
     "eval", "perplexity / bits per byte, copy / reverse / history probes, multiple choice", eval_flags, run_eval,
     description="Evaluate a run directory, one of its checkpoints, or a Hugging Face folder. Each evaluation "
                 "prints a table and writes RUN/evals/<name>.json (names: text-<file>, shards-<split>, val, copy, "
-                "reverse, history, choice-<set>); probes also write RUN/evals/<name>.png. See docs/evals.md.")
+                "reverse, history, choice-<set>); probes also write RUN/evals/<name>.png. For a Hugging Face "
+                "folder they go beside it, to HF_DIR-evals/, never into it. See docs/evals.md.")
 
 
 # ---------------------------------------------------------------- the command

@@ -353,13 +353,24 @@ def load_config(path=None, overrides=()):
     except UnicodeDecodeError:
         raise LmlabError(f"config file {path} is not UTF-8 text") from None
     raw.setdefault("name", path.stem if path.name != "config.toml" else path.parent.name)
-    train = raw.get("train")
-    if path.name == "config.toml" and isinstance(train, dict) and train.get("run_name") == path.parent.name:
-        train["run_name"] = ""  # a run's own config.toml: repeating it is a new run, under a new name
     config = from_dict(raw, source=str(path))
     apply_overrides(config, overrides)
+    _new_name_for_a_repeat(config, path, overrides)
     validate(config)
     return config
+
+
+def _new_name_for_a_repeat(config, path, overrides):
+    """A run's own config.toml, loaded to repeat the run, gives the repeat a new (generated) name.
+
+    Its train.run_name is the run's own, which a new run may not take (a name
+    that exists is refused). Kept when the command names the run itself: an
+    explicit train.run_name, or train.resume=auto (continue it if it exists).
+    """
+    t = config.train
+    named = any(item.partition("=")[0].strip() == "train.run_name" for item in overrides)
+    if path.name == "config.toml" and t.run_name == path.parent.name and not named and t.resume != "auto":
+        t.run_name = ""
 
 
 def apply_overrides(config, overrides):

@@ -141,7 +141,8 @@ def test_a_hugging_face_folder_evaluates_like_its_run(run_dir, small_corpus, tmp
     hf_dir = export_hf(run_dir, tmp_path / "hf")
     assert main(["eval", str(hf_dir), "--text", str(valid), "--limit", "2"]) == 0
     assert main(["eval", str(run_dir), "--text", str(valid), "--limit", "2", "--out", str(tmp_path / "run-evals")]) == 0
-    from_hf = json.loads((hf_dir / "evals" / "text-valid.json").read_text())
+    from_hf = json.loads((tmp_path / "hf-evals" / "text-valid.json").read_text())  # beside the folder
+    assert not (hf_dir / "evals").exists()  # never inside it
     from_run = json.loads((tmp_path / "run-evals" / "text-valid.json").read_text())
     assert from_hf["overall"] == from_run["overall"]
 

@@ -295,7 +295,7 @@ def test_the_readme_python_example_runs_as_written(small_corpus, data_cache, tmp
     import lmlab
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
     assert len(blocks) == 1
     real = lmlab.load_config
     tiny = tiny_overrides(small_corpus, data_cache, tmp_path / "runs") + [
@@ -307,6 +307,42 @@ def test_the_readme_python_example_runs_as_written(small_corpus, data_cache, tmp
     out = capsys.readouterr().out
     story, run = namespace["story"], namespace["run"]
     assert isinstance(story, str) and not story.startswith("Once upon a time")  # the new text only
-    assert out.splitlines()[-1 - story.count("\n")].startswith("Once upon a time")
+    assert out.endswith("Once upon a time" + story + "\n")  # the README prints prompt + continuation
     assert namespace["logits"].shape == (1, namespace["input_ids"].shape[1], run.config.model.vocab_size)
     assert "generate() returns only the text written after the prompt" in blocks[0]
+
+
+# ---------------------------------------------------------------- 14. lm-eval's folders, eval beside HF_DIR
+
+
+def test_what_docs_lm_eval_creates_in_the_clone_is_ignored_by_git():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    doc = (root / "docs" / "lm-eval.md").read_text(encoding="utf-8")
+    created = ["hf/quickstart", "lm-eval-tasks/lmlab_mmlu.yaml", "lm-eval-out/results.json", "mmlu_val.csv",
+               "hf/quickstart-evals/choice-mmlu_val.json"]
+    for path in created[:4]:
+        assert path.partition("/")[0] in doc  # the doc still has you make it
+    for path in created:
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=root, check=False)
+        assert ignored.returncode == 0, f"{path} is not ignored by .gitignore"
+
+
+def test_eval_of_a_hugging_face_folder_writes_beside_it_not_into_it(tiny_run, small_corpus, tmp_path):
+    hf = tmp_path / "hf" / "tiny"
+    assert main(["export", str(tiny_run), str(hf)]) == 0
+    before = sorted(p.name for p in hf.iterdir())
+    assert main(["eval", str(hf), "--text", str(small_corpus[1]), "--limit", "1"]) == 0
+    assert sorted(p.name for p in hf.iterdir()) == before  # the exported folder is as lmlab export wrote it
+    assert (tmp_path / "hf" / "tiny-evals" / "text-valid.json").is_file()
+
+
+def test_a_run_config_with_resume_auto_still_continues_that_run(tiny_run, capsys):
+    config = load_config(tiny_run / "config.toml", ["train.resume=auto", "train.max_steps=6"])
+    assert config.train.run_name == "tiny"  # resume=auto names the run itself: its name is kept
+    assert load_config(tiny_run / "config.toml", ["train.run_name=tiny"]).train.run_name == "tiny"

@@ -85,7 +85,7 @@ class EvalOptions:
     seed: int = _flag(0, "seed of the probe sequences")
     device: str = _flag("cpu", "cpu, cuda, mps or auto")
     precision: str = _flag("fp32", "autocast precision", choices=("fp32", "bf16", "fp16", "auto"))
-    out: str | None = _flag(None, "write the JSON / PNG files here instead of RUN/evals", metavar="DIR")
+    out: str | None = _flag(None, "write the JSON / PNG files here instead of RUN/evals (HF_DIR-evals for a Hugging Face folder)", metavar="DIR")
 
     def check(self):
         """Refuse, in one line, options that ask for nothing or hold a value out of range."""

@@ -5,7 +5,9 @@ Design choices:
   checkpoints (runs/NAME/checkpoints/step_000200, verified before use), or a
   Hugging Face Llama / Qwen3 folder. Results go to RUN/evals/ (for a
   checkpoint: the run's evals/, names suffixed with the step; for a Hugging
-  Face folder: HF_DIR/evals/), or to `out`.
+  Face folder: HF_DIR-evals/ beside it, never inside it, so the exported folder
+  stays exactly what `lmlab export` wrote and can be copied or uploaded as
+  it is), or to `out`.
 - Output names are fixed so that other tools can find them: text-<file stem>,
   shards-<split>, val, copy, reverse, history, choice-<set or file stem>; a
   rerun replaces the file.
@@ -51,9 +53,17 @@ def load_target(path, device="cpu", out=None):
         from lmlab.model.hf import load_hf_model
 
         model, tokenizer, _ = load_hf_model(path)
-        return Target(path, model.to(device), tokenizer, None, Path(out) if out else path / "evals")
+        return Target(path, model.to(device), tokenizer, None, Path(out) if out else hf_evals_dir(path))
     raise LmlabError(f"{path} is not a run directory (no config.toml), a checkpoint (no state.json) "
                      "or a Hugging Face folder (no config.json)")
+
+
+def hf_evals_dir(hf_dir):
+    """HF_DIR-evals, beside the Hugging Face folder (hf/quickstart -> hf/quickstart-evals)."""
+    hf_dir = Path(hf_dir)
+    if hf_dir.name in ("", ".", ".."):
+        hf_dir = hf_dir.resolve()
+    return hf_dir.with_name(f"{hf_dir.name}-evals")
 
 
 def _load_checkpoint(path, device, out):

@@ -19,6 +19,9 @@ Design choices:
   prefix-stable), and a Chinese character or an emoji is never cut in half.
 """
 
+import math
+import operator
+
 import torch
 
 from lmlab.errors import LmlabError
@@ -31,14 +34,32 @@ def check_sampling(max_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0):
     a negative temperature, a top-p outside (0, 1] or a negative top-k is a typo,
     and NaN is refused too (every comparison with it is false).
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if _whole(max_new_tokens) is None or max_new_tokens < 0:
         raise LmlabError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0 or temperature == float("inf"):
+    if not 0 <= _number(temperature) < math.inf:
         raise LmlabError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    if _whole(top_k) is None or top_k < 0:
         raise LmlabError(f"top_k must be a whole number >= 0 (0 = off), got {top_k!r}")
-    if not 0 < top_p <= 1:
+    if not 0 < _number(top_p) <= 1:
         raise LmlabError(f"top_p must lie in (0, 1] (1 = off), got {top_p!r}")
+
+
+def _whole(value):
+    """`value` as an int (numpy integers too), or None for anything else (floats, bools, strings)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _number(value):
+    """`value` as a float, NaN when it is not a number (so every range check fails)."""
+    try:
+        return math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
