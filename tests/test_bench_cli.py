@@ -55,3 +55,13 @@ def test_update_results_rewrites_only_its_own_section(tmp_path, monkeypatch):
     results.write_text("no markers")
     with pytest.raises(SystemExit, match="no <!-- cpu:start -->"):
         module.main([])
+
+
+def test_bench_quick_runs_small_sizes_and_one_repeat(tiny_overrides, tmp_path):
+    out = tmp_path / "quick.md"
+    assert main(["bench", "--quick", "--only", "train,prepare", "--no-reference", "--out", str(out),
+                 *tiny_overrides]) == 0
+    rows = json.loads(Path(f"{out}.json").read_text())
+    assert len(rows["train"]) == 1  # the config's model only, no ladder
+    assert [row["workers"] for row in rows["prepare"]] == [1, 2]
+    assert all(row["mb_per_s"] > 0 for row in rows["prepare"])

@@ -217,3 +217,17 @@ def test_relu2_ffn_and_zero_initialised_projections():
     ids = torch.randint(0, 50, (2, 7))
     with torch.no_grad():  # zero-initialised blocks are the identity: logits = head(norm(embedding))
         torch.testing.assert_close(model(ids), model.lm_head(model.norm(model.embed_tokens(ids))))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_with_muon_train_what_one_process_with_accumulation_2_trains(small_corpus, data_cache, tmp_path,
+                                                                                   mode):
+    """DDP: every rank orthogonalises the same all-reduced matrix; FSDP: the shards are gathered, then split again."""
+    from evals_support import tiny_overrides
+    from test_distributed import assert_same_run, finish, overrides, torchrun
+
+    base = overrides(tiny_overrides(small_corpus, data_cache, tmp_path / "runs"), "optim.name=muon",
+                     "optim.muon_momentum_warmup_steps=8")
+    single = train(load_config(None, base + ["train.run_name=single"]), log=quiet)
+    finish(torchrun(["-m", "lmlab", "train", *base, f"train.parallel={mode}", f"train.run_name={mode}"]))
+    assert_same_run(tmp_path / "runs" / mode, single, tol=1e-5)
