@@ -8,7 +8,7 @@ copying: a corpus made for the copy probe (`lmlab eval --probe copy
 
 Design choices:
 - Deterministic: numpy's generator with a fixed seed, so every install writes
-  the same bytes (tests/test_synthetic.py checks a hash of a small one). The
+  the same bytes (tests/test_synthetic.py: the same seed writes the same bytes). The
   files are written once under the data cache (cache_dir/corpora/copy-v2/),
   atomically (a temporary directory renamed into place), and then are
   ordinary .txt files: tokenizer, shards and their cache work unchanged.
