@@ -3,19 +3,22 @@
 The copy corpus: every document is a run of random lowercase letters, a `|`,
 then the same letters again (`qhzkd|qhzkd`). Nothing but the first half
 predicts the second, so a model can only lower its loss on second halves by
-copying: the corpus on which an induction (copying) mechanism forms soonest,
-for `lmlab eval --probe copy --separator "|"` and experiments/induction.
+copying: a corpus made for the copy probe (`lmlab eval --probe copy
+--separator "|"`) and experiments/induction.
 
 Design choices:
 - Deterministic: numpy's generator with a fixed seed, so every install writes
-  the same bytes (tests/test_synthetic.py checks a hash of a small one). The
-  files are written once under the data cache (cache_dir/corpora/copy-v1/),
+  the same bytes (tests/test_synthetic.py: the same seed writes the same bytes). The
+  files are written once under the data cache (cache_dir/corpora/copy-v2/),
   atomically (a temporary directory renamed into place), and then are
   ordinary .txt files: tokenizer, shards and their cache work unchanged.
-- Half-lengths are uniform in 1..64 letters, so with a small vocabulary
-  (300: ~1.1 letters per token) a document fills up to about one 128-token
-  window: the model sees copies at every distance the probe asks about inside
-  that window.
+- Half-lengths are log-uniform in 1..64 letters (median 8): many short
+  copies, which gave the only try that left the unigram plateau (halves of
+  1..16 letters: validation loss 3.27 against 3.52 after 8,000 steps, where
+  uniform 1..64 stayed flat; experiments/induction/RESULT.md), and long ones
+  up to about one 128-token window at vocabulary 300 (~1.1 letters per
+  token), so the copy is trained at every distance the probe asks about.
+  No setting tried so far has formed a copying mechanism on it.
 - Letters without spaces: the byte-level pre-tokenizer splits at `|`, so both
   halves are tokenized identically and the copy is exact in tokens too.
 """
@@ -29,21 +32,21 @@ import numpy as np
 
 from lmlab.data.documents import EOT
 
-VERSION = 1  # bump when the recipe below changes: the files live under a versioned name
-COPY = {"seed": 0, "train_documents": 60_000, "val_documents": 2_000, "min_letters": 1, "max_letters": 64}
+VERSION = 2  # bump when the recipe below changes: the files live under a versioned name
+COPY = {"seed": 0, "train_documents": 150_000, "val_documents": 2_000, "min_letters": 1, "max_letters": 64}
 LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz"))
 SYNTHETIC = ("copy",)
 
 
 def copy_documents(n, rng, min_letters=1, max_letters=64, separator="|"):
-    """n documents `letters|letters`, half-lengths uniform in min_letters..max_letters."""
-    lengths = rng.integers(min_letters, max_letters + 1, size=n)
+    """n documents `letters|letters`, half-lengths log-uniform in min_letters..max_letters."""
+    lengths = np.floor(np.exp(rng.uniform(np.log(min_letters), np.log(max_letters + 1), size=n))).astype(int)
     for length in lengths:
         half = "".join(rng.choice(LETTERS, size=int(length)))
         yield f"{half}{separator}{half}"
 
 
-def write_copy_corpus(out_dir, seed=0, train_documents=60_000, val_documents=2_000, min_letters=1, max_letters=64):
+def write_copy_corpus(out_dir, seed=0, train_documents=150_000, val_documents=2_000, min_letters=1, max_letters=64):
     """Write train.txt and valid.txt (documents separated by end-of-text lines) into out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
