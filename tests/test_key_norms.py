@@ -52,3 +52,15 @@ def test_an_unknown_metric_names_the_nested_ones_too():
     record = _record([{"step": 100, "kind": "norms", "key_l2": {"layers.0": 3.5}}, {"step": 1, "loss": 5.0}])
     with pytest.raises(LmlabError, match=r"key_l2\.layers\.0"):
         compare_figure([record], metric="key_norm")
+
+
+def test_trials_of_two_sweeps_are_told_apart_by_the_sweeps_name(tmp_path):
+    from lmlab.lab.table import read_runs
+
+    for sweep in ("postnorm", "silu"):
+        run = tmp_path / sweep / "runs" / "000-seed=1"
+        run.mkdir(parents=True)
+        (run / "config.toml").write_text("")
+        (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    labels = sorted(r.label for r in read_runs([tmp_path / "postnorm" / "runs", tmp_path / "silu" / "runs"]))
+    assert labels == ["postnorm/000-seed=1", "silu/000-seed=1"]

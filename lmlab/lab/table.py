@@ -75,7 +75,7 @@ class RunRecord:
         A metric inside a nested record is named with a dot after the record:
         `key_l2.layers.0` is e["key_l2"]["layers.0"] of the norms events.
         """
-        points = [(e.get(x), _value(e, metric)) for e in self.events if x in e]
+        points = [(e.get(x), _metric_value(e, metric)) for e in self.events if x in e]
         return [(at, v) for at, v in points if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
     def last(self, key):
@@ -178,13 +178,19 @@ def differing_keys(records):
             and len({repr(r.config[k]) for r in records if k in r.config}) > 1]
 
 
+def _telling_parent(path):
+    """The nearest parent directory name that tells runs apart: a sweep's name rather than its `runs`."""
+    parents = [p.name for p in Path(path).resolve().parents if p.name]
+    return next((name for name in parents if name != "runs"), parents[0] if parents else "")
+
+
 def read_runs(paths):
     """RunRecords of every run in `paths`, each with .differing = {key: value} for the differing keys."""
     records = [read_run(p) for p in find_run_dirs(paths)]
     names = [r.name for r in records]
     for r in records:
-        if names.count(r.name) > 1:  # e.g. the same run name in two sweeps
-            r.label = f"{r.path.parent.name}/{r.name}"
+        if names.count(r.name) > 1:  # e.g. the same trial name in two sweeps: SWEEP/runs/000-seed=1
+            r.label = f"{_telling_parent(r.path)}/{r.name}"
     keys = differing_keys(records) if len(records) > 1 else []
     for r in records:
         r.differing = {k: r.config.get(k) for k in keys}
@@ -272,7 +278,7 @@ def add_note(run, text):
     return notes
 
 
-def _value(event, metric):
+def _metric_value(event, metric):
     """event[metric], or event[record][rest] for a metric named record.rest (per-layer norms)."""
     if metric in event:
         return event[metric]
