@@ -56,6 +56,19 @@ def summary(run_dir):
     return json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
 
 
+def runs_status(run_dir):
+    """The status column of `lmlab runs` for one run (tsv: run, status, ...)."""
+    import io
+
+    from lmlab.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["runs", str(run_dir), "--format", "tsv"]) == 0
+    rows = [line.split("\t") for line in out.getvalue().splitlines()]
+    return next(row[1] for row in rows if row[0] == run_dir.name)
+
+
 def one_line(error):
     """The message the CLI prints as `lmlab: error: ...`: one line, no traceback."""
     text = str(error)
@@ -175,6 +188,7 @@ def test_ids_beyond_the_vocabulary_fail_the_run_naming_shard_and_offset_then_res
     assert s["status"] == "failed" and s["steps"] == at and s["checkpoint"] == newest
     assert "outside the vocabulary" in s["reason"]
     assert not leftovers(run_dir)
+    assert runs_status(run_dir) == "failed"  # `lmlab runs`, which said unfinished before
     path.write_bytes(original)  # the shard repaired (lmlab prepare again would give these bytes)
     resumed = train(load_config(None, [*config, f"train.resume={run_dir}"]), log=lambda *a, **k: None)
     assert summary(resumed)["status"] == "completed" and same_weights(resumed, reference)
