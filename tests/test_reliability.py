@@ -452,3 +452,8 @@ def test_an_unexpected_error_keeps_its_traceback_and_the_summary_says_failed(tin
     s = summary(tmp_path / "runs" / "bug")
     assert s["status"] == "failed" and s["reason"] == "ZeroDivisionError: a bug"
     assert s["steps"] == 3 and s["checkpoint"] == "step_000002"
+
+
+def test_collective_timeout_is_read_under_its_old_name_too():
+    assert load_config(None, ["train.dist_timeout=30"]).train.collective_timeout == 30  # configs of older runs
+    assert load_config(None, []).train.collective_timeout == 600
