@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from ckpt_support import leftovers, same_weights
+
 from lmlab import load_config, train
 from lmlab.data.corpora import ensure_data
 from lmlab.errors import LmlabError
@@ -54,6 +54,19 @@ def at_step(step, action, contains=""):
 
 def summary(run_dir):
     return json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+
+
+def runs_status(run_dir):
+    """The status column of `lmlab runs` for one run (tsv: run, status, ...)."""
+    import io
+
+    from lmlab.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["runs", str(run_dir), "--format", "tsv"]) == 0
+    rows = [line.split("\t") for line in out.getvalue().splitlines()]
+    return next(row[1] for row in rows if row[0] == run_dir.name)
 
 
 def one_line(error):
@@ -146,14 +159,18 @@ def test_ids_beyond_the_vocabulary_before_the_run_are_refused_before_the_first_s
     assert not (tmp_path / "runs" / "x").exists()
 
 
+@pytest.mark.parametrize(("at", "newest"), [(3, "step_000002"), (1, None)])
 def test_ids_beyond_the_vocabulary_fail_the_run_naming_shard_and_offset_then_resume_exactly(
-        tiny_overrides, shards, reference):
-    """A shard damaged during the run (after its checksum was checked): caught where the batch is built."""
+        tiny_overrides, shards, reference, at, newest):
+    """A shard damaged during the run (after its checksum was checked): caught where the batch is built.
+
+    Damaged after step 3 the run keeps its step-2 checkpoint; after step 1 it has none, and --resume starts over.
+    """
     path, meta = train_shard(shards)
     original = path.read_bytes()
     begin = []
     config = overrides(tiny_overrides, f"data.shards={shards}", "train.run_name=damaged")
-    hook = at_step(3, lambda: begin.append(overwrite(path, lambda t: np.full_like(t, meta["vocab_size"] + 7))))
+    hook = at_step(at, lambda: begin.append(overwrite(path, lambda t: np.full_like(t, meta["vocab_size"] + 7))))
     with pytest.raises(LmlabError) as error:
         train(load_config(None, config), log=hook)
     message = one_line(error.value)
@@ -162,11 +179,16 @@ def test_ids_beyond_the_vocabulary_fail_the_run_naming_shard_and_offset_then_res
                      rf"outside the vocabulary of {meta['vocab_size']}", message), message
     offset = int(re.search(r"at token offset ([\d,]+)", message).group(1).replace(",", ""))
     assert offset >= begin[0]
-    assert "failed after step 3" in message and "step_000002" in message and "--resume" in message
+    assert f"failed after step {at}" in message
+    if newest:
+        assert f"its newest checkpoint is {newest}: continue with `lmlab train --resume {run_dir}`" in message
+    else:
+        assert message.endswith(f"no checkpoint was written: `lmlab train --resume {run_dir}` starts it again from step 0")
     s = summary(run_dir)
-    assert s["status"] == "failed" and s["steps"] == 3 and s["checkpoint"] == "step_000002"
+    assert s["status"] == "failed" and s["steps"] == at and s["checkpoint"] == newest
     assert "outside the vocabulary" in s["reason"]
     assert not leftovers(run_dir)
+    assert runs_status(run_dir) == "failed"  # `lmlab runs`, which said unfinished before
     path.write_bytes(original)  # the shard repaired (lmlab prepare again would give these bytes)
     resumed = train(load_config(None, [*config, f"train.resume={run_dir}"]), log=lambda *a, **k: None)
     assert summary(resumed)["status"] == "completed" and same_weights(resumed, reference)
@@ -181,13 +203,13 @@ def small_disk(path, size):
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, check=False)
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         yield path
     finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 def fill(folder, leave=64 << 10):
@@ -214,7 +236,7 @@ def test_size_estimate_matches_the_checkpoints_a_run_writes(reference):
 def test_runs_folder_too_small_is_refused_before_the_first_step(tiny_overrides, tmp_path):
     with small_disk(tmp_path / "small", "1m") as folder:
         out = subprocess.run([*CLI, *overrides(tiny_overrides, f"train.runs_dir={folder}", "train.run_name=x")],
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1, out.stderr
         assert re.fullmatch(rf"lmlab: error: not enough space in {re.escape(str(folder))}: this run needs "
@@ -415,7 +437,7 @@ def test_a_refused_write_is_named_by_its_file_not_the_temporary_one():
 
 
 def test_an_unexpected_error_keeps_its_traceback_and_the_summary_says_failed(tiny_overrides, tmp_path, monkeypatch):
-    import lmlab.training.loop as loop
+    from lmlab.training import loop
 
     real = loop.train_step
 
@@ -430,3 +452,8 @@ def test_an_unexpected_error_keeps_its_traceback_and_the_summary_says_failed(tin
     s = summary(tmp_path / "runs" / "bug")
     assert s["status"] == "failed" and s["reason"] == "ZeroDivisionError: a bug"
     assert s["steps"] == 3 and s["checkpoint"] == "step_000002"
+
+
+def test_collective_timeout_is_read_under_its_old_name_too():
+    assert load_config(None, ["train.dist_timeout=30"]).train.collective_timeout == 30  # configs of older runs
+    assert load_config(None, []).train.collective_timeout == 600

@@ -62,7 +62,7 @@ def fail(run, state, error):
         what_next = (f"its newest checkpoint is {newest}: continue with `lmlab train --resume {run.run_dir}`"
                      + (" under the same torchrun command" if run.parallel.active else ""))
     else:
-        what_next = "no checkpoint was written, start it again"
+        what_next = f"no checkpoint was written: `lmlab train --resume {run.run_dir}` starts it again from step 0"
     raise RunFailed(who + where + what_next + unwritten) from None
 
 

@@ -36,6 +36,7 @@ Design choices:
 
 import copy
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -112,6 +113,19 @@ def _check_writable(run_dir):
         except OSError as e:
             raise LmlabError(f"cannot resume {run_dir}: {directory} is not writable ({e.strerror}); "
                              "copy the run somewhere writable and resume the copy") from None
+
+
+def _ended_with_weights(run_dir):
+    """Whether summary.json says the run ended, other than by failing (a failed run without checkpoints starts again)."""
+    from lmlab.rundir.status import FAILED
+
+    path = run_dir / "summary.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("status") != FAILED
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: keep it, as before
 
 
 def _check_budget(run_dir, config, record):
@@ -215,7 +229,7 @@ def prepare(config, log=print):
     t.run_name, t.runs_dir = run_dir.name, str(run_dir.parent)
     path, record = checkpoint.latest(run_dir, log=log)
     if path is None:
-        if (run_dir / "summary.json").exists() or (run_dir / "model.safetensors").exists():
+        if _ended_with_weights(run_dir) or (run_dir / "model.safetensors").exists():
             # a run that ended without checkpoints (train.keep_checkpoints=0), or an imported model: keep it
             raise LmlabError(f"{run_dir} has weights but no checkpoint (it ended with train.keep_checkpoints=0, "
                              "or was imported), so there is nothing to resume; start a new run "
