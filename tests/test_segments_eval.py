@@ -97,6 +97,11 @@ def test_lmlab_eval_on_a_memory_run(tiny_overrides, tmp_path, small_corpus):
     assert name == "segments-valid" and other == "segments-valid-no-memory"
     assert a["overall"]["tokens"] == b["overall"]["tokens"] and a["overall"]["loss"] != b["overall"]["loss"]
     assert json.loads((run / "evals" / "segments-valid.json").read_text())["by_segment"]
+    val = run_evals(run, val=True, log=lambda *_: None)["val"]["overall"]["loss"]
+    final = json.loads((run / "summary.json").read_text())
+    from ckpt_support import series
+    assert val == pytest.approx(series(run, "val_loss")[-1][1], abs=1e-5)  # memory carried, as training measured
+    assert final["status"] == "completed"
     probe = run_evals(run, probe=("copy",), distance=(8, 40), samples=2, log=lambda *_: None)["copy-distance"]
     assert [r["distance"] for r in probe["distances"]] == [8, 40] and np.isfinite(probe["distances"][0]["meaningful"])
 
