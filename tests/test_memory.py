@@ -84,3 +84,29 @@ def test_memory_zero_is_todays_model():
     torch.manual_seed(0)
     model = Transformer(config)
     assert model.new_memory(2) is None and model.rope_cos.shape[0] == T and "memory" not in model.summary()
+
+
+def test_saved_memories_are_dealt_to_ranks_by_global_micro_batch():
+    """Written by 2 ranks x 1 micro-batch, read by 1 process x 2 (and back): each micro-batch gets its own rows' memory."""
+    from lmlab.training.memories import Memories
+
+    class Ranks:
+        def __init__(self, rank, world_size):
+            self.rank, self.world_size = rank, world_size
+
+        def gather(self, obj):
+            return [obj]
+
+    model, _ = pair(memory=4)
+    writers = [Memories(model, 2, 1, Ranks(r, 2)) for r in (0, 1)]
+    for i, w in enumerate(writers):
+        w.slots[0].k.fill_(i + 1)
+    state = {"ranks": [w.state_dict()["ranks"][0] for w in writers]}
+    single = Memories(model, 2, 2, Ranks(0, 1))
+    single.load_state_dict(state)
+    assert [float(m.k.mean()) for m in single.slots] == [1.0, 2.0]
+    back = Memories(model, 2, 1, Ranks(1, 2))
+    back.load_state_dict({"ranks": single.state_dict()["ranks"]})
+    assert float(back.slots[0].k.mean()) == 2.0
+    with pytest.raises(Exception, match="same train.grad_accum"):
+        Memories(model, 2, 3, Ranks(0, 1)).load_state_dict(state)

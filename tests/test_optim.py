@@ -1,6 +1,5 @@
 """Optimizer groups and the LR schedule's exact end points."""
 
-import math
 
 import pytest
 import torch

@@ -71,10 +71,10 @@ def test_distance_probe_finds_the_source_in_memory_and_only_there():
     copier = _Copier(memory=24, context=32)
     on = segments.distance_copy_probe(copier, _Tok(), [8, 16, 24, 40], length=8, samples=4, memory=True)
     off = segments.distance_copy_probe(copier, _Tok(), [8, 16, 24, 40], length=8, samples=4, memory=False)
-    got = {r["distance"]: r["accuracy"] for r in on["distances"]}
+    got = {r["distance"]: r["random"] for r in on["distances"]}
     # (a random filler token may repeat and mislead the copier now and then, hence not exactly 1)
     assert min(got[8], got[16], got[24]) > 0.85 and got[40] < 0.2  # 40 > M = 24: the source is out of reach
-    assert all(r["accuracy"] < 0.2 for r in off["distances"])
+    assert all(r["random"] < 0.2 for r in off["distances"])
     assert [r["within_memory"] for r in on["distances"]] == [True, True, True, False]
 
 
@@ -97,8 +97,13 @@ def test_lmlab_eval_on_a_memory_run(tiny_overrides, tmp_path, small_corpus):
     assert name == "segments-valid" and other == "segments-valid-no-memory"
     assert a["overall"]["tokens"] == b["overall"]["tokens"] and a["overall"]["loss"] != b["overall"]["loss"]
     assert json.loads((run / "evals" / "segments-valid.json").read_text())["by_segment"]
+    val = run_evals(run, val=True, log=lambda *_: None)["val"]["overall"]["loss"]
+    final = json.loads((run / "summary.json").read_text())
+    from ckpt_support import series
+    assert val == pytest.approx(series(run, "val_loss")[-1][1], abs=1e-5)  # memory carried, as training measured
+    assert final["status"] == "completed"
     probe = run_evals(run, probe=("copy",), distance=(8, 40), samples=2, log=lambda *_: None)["copy-distance"]
-    assert [r["distance"] for r in probe["distances"]] == [8, 40] and np.isfinite(probe["distances"][0]["accuracy"])
+    assert [r["distance"] for r in probe["distances"]] == [8, 40] and np.isfinite(probe["distances"][0]["meaningful"])
 
 
 def test_a_memory_run_exports_with_a_note_and_the_same_weights(tiny_overrides, tmp_path):
@@ -117,3 +122,12 @@ def test_a_memory_run_exports_with_a_note_and_the_same_weights(tiny_overrides, t
     exported, saved = load_file(str(out / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert all(torch.equal(exported["model." + k] if "model." + k in exported else exported[k], v)
                for k, v in saved.items())
+
+
+def test_meaningful_distance_copy_uses_real_text_and_reports_the_no_copy_accuracy():
+    copier = _Copier(memory=24, context=32)
+    stream = np.tile(np.arange(2, 200), 20)  # a "text" whose tokens recur only every 198 positions
+    on = segments.distance_copy_probe(copier, _Tok(), [16], length=8, samples=3, memory=True, stream=stream)
+    row = on["distances"][0]
+    # the copy is found in memory; where the span first occurs there is nothing earlier to copy from
+    assert row["meaningful"] == 1.0 and row["first_accuracy"] == 0.0

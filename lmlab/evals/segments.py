@@ -14,12 +14,13 @@ Design choices:
 - Loss by segment index shows whether later segments profit from what came
   before; loss by position within the segment shows where: without memory the
   first tokens of a segment have no context, with memory they have M tokens.
-- The distance copy probe places a random source of `length` tokens D tokens
-  before its repetition, and the repetition at the start of a segment. So for
-  D up to the segment length the source lies in the previous segment: only the
-  memory can hold it, and accuracy above chance (1 / vocabulary) at D <= M with
-  memory, and none without, is the test. Filler and source are uniform random
-  tokens (no special tokens), drawn from the seed.
+- The distance copy probe places a source of `length` tokens D tokens before
+  its repetition, and the repetition at the start of a segment. So for D up to
+  the segment length the source lies in the previous segment: only the memory
+  can hold it. Random tokens (no special tokens) test pure copying, chance
+  1 / vocabulary; real text (the run's validation split) tests copying that a
+  small model can do, against its accuracy on the same span without a copy.
+  Drawn from the seed.
 """
 
 import math
@@ -90,11 +91,15 @@ def segment_perplexity(model, tokenizer, documents, memory=True, device="cpu", p
     }
 
 
-def distance_copy_probe(model, tokenizer, distances, length=8, samples=32, seed=0, memory=True, device="cpu",
-                        precision="fp32"):
+def distance_copy_probe(model, tokenizer, distances, length=8, samples=32, seed=0, memory=True, stream=None,
+                        device="cpu", precision="fp32"):
     """Copy accuracy when the source lies D tokens before its repetition, the repetition starting a segment.
 
     Accuracy counts the repetition's tokens after its first (the first cannot be known), argmax == source.
+    `random`: source and filler are uniform random tokens, chance 1 / vocabulary. `meaningful` (when a
+    token `stream` of real text is given): a window of real text whose span D tokens before the
+    repetition is repeated; `first_accuracy` is the accuracy on that span where it first occurs, what
+    the model gets from the text alone, without a copy.
     """
     T = model.config.context_length
     use_memory = bool(memory and getattr(model.config, "memory", 0))
@@ -104,14 +109,21 @@ def distance_copy_probe(model, tokenizer, distances, length=8, samples=32, seed=
     for distance in distances:
         if distance < length:
             raise ValueError(f"distance {distance} is shorter than the copied sequence ({length} tokens)")
-        rng = np.random.default_rng([seed, distance])
         copy_at = T * max(1, -(-distance // T))  # the repetition starts a segment, the source D tokens before
-        seq = allowed[rng.integers(0, len(allowed), size=(samples, copy_at + length))]
-        seq[:, copy_at:] = seq[:, copy_at - distance:copy_at - distance + length]
-        _, hits = _run_segments(model, seq, use_memory, device, precision)
-        correct = hits[:, copy_at:copy_at + length - 1]  # predictions of repetition tokens 1 .. length-1
-        in_memory = use_memory and distance <= model.config.memory
-        rows.append({"distance": distance, "accuracy": float(correct.mean()), "within_memory": in_memory})
+        source = slice(copy_at - distance, copy_at - distance + length)
+        row = {"distance": distance, "within_memory": use_memory and distance <= model.config.memory}
+        rng = np.random.default_rng([seed, distance])
+        kinds = {"random": allowed[rng.integers(0, len(allowed), size=(samples, copy_at + length))]}
+        if stream is not None and len(stream) > copy_at + length:
+            starts = rng.integers(0, len(stream) - copy_at - length, size=samples)
+            kinds["meaningful"] = np.stack([stream[s:s + copy_at + length] for s in starts])
+        for kind, seq in kinds.items():
+            seq[:, copy_at:] = seq[:, source]
+            _, hits = _run_segments(model, seq, use_memory, device, precision)
+            row[kind] = float(hits[:, copy_at:copy_at + length - 1].mean())  # predictions of repetition tokens 1..
+            if kind == "meaningful":
+                row["first_accuracy"] = float(hits[:, source.start:source.stop - 1].mean())
+        rows.append(row)
     return {"kind": "distance-copy", "memory": use_memory, "model_memory": getattr(model.config, "memory", 0),
             "context_length": T, "length": length, "samples": samples, "seed": seed,
             "chance": 1 / len(allowed), "distances": rows}
@@ -129,6 +141,8 @@ def segments_table(result):
 
 def distance_table(result):
     head = (f"memory {'on' if result['memory'] else 'off'} (model.memory={result['model_memory']}), copy of "
-            f"{result['length']} random tokens, {result['samples']} samples, chance {result['chance']:.4f}")
-    rows = [[r["distance"], r["accuracy"], "yes" if r["within_memory"] else "no"] for r in result["distances"]]
-    return head + "\n" + table(["distance", "accuracy", "source within memory"], rows)
+            f"{result['length']} tokens, {result['samples']} samples, random chance {result['chance']:.4f}")
+    rows = [[r["distance"], r["random"], r.get("meaningful"), r.get("first_accuracy"),
+             "yes" if r["within_memory"] else "no"] for r in result["distances"]]
+    return head + "\n" + table(["distance", "random", "meaningful", "meaningful, no copy", "source within memory"],
+                                rows)

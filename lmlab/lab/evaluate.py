@@ -162,7 +162,7 @@ def _evaluations(target, o, log, **common):
             if name == "copy" and o.distance:
                 result = segments.distance_copy_probe(model, tokenizer, o.distance, length=(o.lengths or (8,))[0],
                                                       samples=o.limit or o.samples, seed=o.seed,
-                                                      memory=not o.no_memory, **common)
+                                                      memory=not o.no_memory, stream=stream, **common)
                 suffix = "" if result["memory"] else "-no-memory"
                 yield "copy-distance" + suffix, result, segments.distance_table(result), False
                 continue
@@ -233,4 +233,12 @@ def _val_subset(target, log, device, precision):
     batches = Batches(_run_data(target, log), "val", t.batch_size, config.model.context_length,
                       packing=config.data.packing, seed=t.seed,
                       segments_per_document=config.data.segments_per_document).fixed(t.eval_batches)
+    if config.model.memory and config.data.packing == "stream":  # memory carried, as training measures it
+        from lmlab.evals.bpb import count_targets, token_byte_lengths
+        from lmlab.training.duties import evaluate
+
+        loss = evaluate(target.model, batches, precision, device)
+        tokens, nbytes = count_targets(batches, token_byte_lengths(target.tokenizer))
+        return {"kind": "perplexity", "source": "validation subset, memory carried",
+                "overall": perplexity.figures(loss * tokens, tokens, nbytes)}
     return perplexity.batches_perplexity(target.model, target.tokenizer, batches, device=device, precision=precision)

@@ -5,9 +5,9 @@ Design choices:
   gets its own Memory, carried from step to step; 1 process with grad_accum 2
   and 2 processes with 1 keep the same memories for the same rows.
 - A checkpoint holds every rank's memories (gathered to rank 0, like the RNG
-  states), and each rank takes its own back on resume, so a resumed run
-  continues bit for bit. Restoring memories written by another number of
-  processes is refused: the rows would be dealt differently.
+  states), and on resume each rank takes those of its global micro-batches,
+  so a resumed run continues bit for bit, also with another number of
+  processes (the global batch, train.grad_accum, must stay the same).
 """
 
 from lmlab.errors import LmlabError
@@ -31,10 +31,11 @@ class Memories:
         return {"ranks": self.parallel.gather([m.state_dict() for m in self.slots])}
 
     def load_state_dict(self, state):
-        ranks = state["ranks"]
-        if len(ranks) != self.parallel.world_size or len(ranks[self.parallel.rank]) != len(self.slots):
-            raise LmlabError(f"the checkpoint's model.memory state was written by {len(ranks)} process(es) with "
-                             f"{len(ranks[0])} micro-batch(es) each; resume with the same train.grad_accum and "
-                             "number of processes")
-        for memory, saved in zip(self.slots, ranks[self.parallel.rank]):
+        """This rank's memories: the saved ones in global micro-batch order, dealt as this run's ranks read them."""
+        flat = [memory for rank in state["ranks"] for memory in rank]  # rank r's micro m = global r * local + m
+        local = len(self.slots)
+        if len(flat) != local * self.parallel.world_size:
+            raise LmlabError(f"the checkpoint holds model.memory state for {len(flat)} micro-batches per step, this "
+                             f"run has {local * self.parallel.world_size}; resume with the same train.grad_accum")
+        for memory, saved in zip(self.slots, flat[self.parallel.rank * local:(self.parallel.rank + 1) * local]):
             memory.load_state_dict(saved)
