@@ -73,7 +73,7 @@ def flip_a_byte(path):
 def fix_manifest(ckpt):
     state = json.loads((ckpt / "state.json").read_text())
     for name in state["files"]:
-        state["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": checkpoint._sha256(ckpt / name)}
+        state["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": checkpoint.file_sha256(ckpt / name)}
     (ckpt / "state.json").write_text(json.dumps(state))
 
 

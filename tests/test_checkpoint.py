@@ -178,7 +178,7 @@ def _update_manifest(ckpt):
     """A forger who also fixed up state.json: sizes and hashes match the new file."""
     state = json.loads((ckpt / "state.json").read_text())
     for name in state["files"]:
-        state["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": checkpoint._sha256(ckpt / name)}
+        state["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": checkpoint.file_sha256(ckpt / name)}
     (ckpt / "state.json").write_text(json.dumps(state))
 
 

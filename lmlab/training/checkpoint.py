@@ -40,7 +40,6 @@ Design choices:
 """
 
 import base64
-import hashlib
 import json
 import math
 import os
@@ -55,6 +54,7 @@ import numpy as np
 import torch
 
 from lmlab import atomic
+from lmlab.data.integrity import file_sha256
 from lmlab.errors import LmlabError
 from lmlab.training.distributed import Parallel
 
@@ -161,12 +161,6 @@ def _fsync(path):
         os.close(fd)
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _jsonable(value):
@@ -205,7 +199,7 @@ def save(run_dir, step, model, optimizer, scaler, fields, stateful=None, keep=2,
         for name in (MODEL, OPTIMIZER):
             os.chmod(tmp / name, 0o666 & ~atomic.current_umask())  # safetensors writes owner-only files
             _fsync(tmp / name)
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
         record = {
             "format": FORMAT, "step": step, **{k: _jsonable(v) for k, v in fields.items()},
             "rng": rngs[0], **({"rng_ranks": rngs} if len(rngs) > 1 else {}), "optimizer": optimizer_part, "scaler": scaler.state_dict(),
@@ -304,7 +298,7 @@ def verify(path):
         problem = problem or _format_problem(file, sizes_checked=True)
         if problem:
             raise CheckpointError(f"{where}: {name} {problem}")
-        if _sha256(file) != info.get("sha256"):
+        if file_sha256(file) != info.get("sha256"):
             raise CheckpointError(f"{where}: {name} does not match its sha256 (corrupt)")
     return state
 
