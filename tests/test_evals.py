@@ -229,6 +229,35 @@ def test_random_probe_tokens_come_from_the_training_data_by_default(val_stream):
     assert kinds["vocab"]["random"][0]["accuracy"] < 0.6
 
 
+class _RecordingInduction(InductionModel):
+    """An induction head that keeps every batch it reads."""
+
+    def __init__(self, vocab_size, context_length):
+        super().__init__(vocab_size, context_length)
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.extend(x.tolist())
+        return super().forward(x)
+
+
+def test_random_probe_sequences_never_hold_the_separator(val_stream):
+    # the copy corpus's `|` is one of its 70 tokens: drawn into the first half, it marks a second
+    # place where the copy would start, a sequence no training document shows
+    tokenizer, stream = val_stream
+    sep_id, = tokenizer.encode(".")
+    pool = [sep_id] + [i for i in range(tokenizer.vocab_size) if token_byte_lengths(tokenizer)[i] > 0][:9]
+    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    counts[pool] = 1
+    for mode in ("seen", "frequency"):
+        model = _RecordingInduction(tokenizer.vocab_size, 64)
+        result = probes.copy_probe(model, tokenizer, stream, lengths=[8], samples=16, separator=".",
+                                   random_tokens=mode, counts=counts)
+        assert result["random_pool"] == len(set(pool)) - 1
+        random_rows = model.inputs[:16]  # random sequences are scored first, one 17-token window each
+        assert all(row[:17].count(sep_id) == 1 and row[8] == sep_id for row in random_rows)
+
+
 def test_history_gain_is_zero_for_a_model_without_memory_and_positive_for_a_trained_one(run, val_stream):
     tokenizer, stream = val_stream
     flat = probes.history_probe(BigramModel(tokenizer.vocab_size, 64), stream, samples=16)

@@ -18,7 +18,8 @@ Design choices:
   leaves many of them (the copy corpus at vocabulary 300 uses 70 of the 299
   ordinary tokens: drawn from the whole vocabulary, three tokens in four are
   ones the model has never read). Special
-  tokens are never drawn.
+  tokens are never drawn, nor the separator's tokens (a separator inside the
+  first half would be a second start of the copy).
   "meaningful": spans of real text (the run's validation split, or any text
   file), taken from the token stream with the end-of-text tokens removed, so a
   model can also predict them from language alone. For that reason every
@@ -146,6 +147,23 @@ def random_pool(tokenizer, counts=None, mode="seen"):
     return ids, (counts[ids] / counts[ids].sum() if mode == "frequency" else None)
 
 
+def without_tokens(pool, ids):
+    """A random pool (ids, probabilities or None) without the given ids, probabilities renormalised.
+
+    The copy probe takes the separator's tokens out: a random sequence holding the separator
+    would mark a second place where the copy starts, which no training document of a copy
+    corpus shows (at vocabulary 300 the copy corpus's `|` is one of 70 tokens, in 3 of 5
+    sequences of 64).
+    """
+    tokens, p = pool
+    keep = ~np.isin(tokens, ids)
+    if keep.sum() < 2:
+        raise LmlabError("without the separator's tokens fewer than two tokens are left for random probes")
+    if p is None:
+        return tokens[keep], None
+    return tokens[keep], p[keep] / p[keep].sum()
+
+
 class _Sampler:
     """Draws probe sequences of one kind: random tokens (from `pool`) or spans of real text."""
 
@@ -174,7 +192,6 @@ def copy_probe(model, tokenizer, stream, task="copy", lengths=None, samples=32, 
     Random sequences draw from `random_pool(tokenizer, counts, random_tokens)`: `counts` are the
     training split's token counts (token_counts), needed unless random_tokens is "vocab".
     """
-    pool = random_pool(tokenizer, counts, random_tokens)
     if task not in ("copy", "reverse"):
         raise LmlabError(f"unknown probe task {task!r}; choose copy or reverse")
     context_length = model.config.context_length
@@ -183,6 +200,7 @@ def copy_probe(model, tokenizer, stream, task="copy", lengths=None, samples=32, 
     sep = np.array(tokenizer.encode(separator) if separator else [tokenizer.eot_id], dtype=np.int64)
     if len(sep) == 0:
         raise LmlabError("the probe separator is empty; give some text or leave it out (end-of-text)")
+    pool = without_tokens(random_pool(tokenizer, counts, random_tokens), sep)
 
     def transform(s):
         return s if task == "copy" else s[::-1]
