@@ -527,9 +527,12 @@ def _add_verbs(parser, verbs, dest):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # argparse itself ignores a closed pipe for --help
     try:
         code = _run(args)
+        sys.stdout.flush()  # a reader that left is met here, not in Python's flush at exit
+    except BrokenPipeError:
+        code = _reader_left()
     except Exception:
         from lmlab.training import distributed
 
@@ -540,6 +543,22 @@ def main(argv=None):
     from lmlab.training.distributed import end_worker
 
     return end_worker(code)  # a torchrun worker exits here, skipping interpreter finalization (see there)
+
+
+def _reader_left():
+    """`lmlab runs | head -1`: the reader closed the pipe. Exit quietly, as a shell tool killed by SIGPIPE would.
+
+    stdout is pointed at /dev/null so that Python's flush at exit does not
+    raise again (the Python docs' recipe, "Note on SIGPIPE"); the status is
+    128 + SIGPIPE = 141, what the shell reports for `yes | head -1`'s `yes`.
+    """
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (redirected inside Python): nothing is flushed at exit
+        pass
+    return 141
 
 
 def _run(args):
