@@ -83,7 +83,8 @@ TRAIN = Verb(
            "model.key_norm_scale, "
            "model.bias, model.tie_embeddings, model.n_kv_heads. Several GPUs or processes: "
            "`torchrun --nproc_per_node=N -m lmlab train ...` (train.parallel=ddp or fsdp; train.grad_accum is "
-           "split over the N ranks).")
+           "split over the N ranks; give torchrun --shutdown-timeout SECONDS above the time a checkpoint takes: "
+           "on SIGTERM it gives lmlab that long, 30 s by default, to save one).")
 
 
 # ---------------------------------------------------------------- lmlab bench
