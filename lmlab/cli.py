@@ -465,9 +465,12 @@ def sweep_flags(p):
 def run_sweep(args):
     from lmlab.lab import sweep
 
-    sweep.run_sweep(args.config, args.overrides, grid=args.grid, random_items=args.random, n_trials=args.trials,
-                    seed=args.seed, out=args.out, workers=args.workers, metric=args.metric,
-                    lr_scaling=args.lr_scaling, log=print_now)
+    trials = sweep.run_sweep(args.config, args.overrides, grid=args.grid, random_items=args.random,
+                             n_trials=args.trials, seed=args.seed, out=args.out, workers=args.workers,
+                             metric=args.metric, lr_scaling=args.lr_scaling, log=print_now)
+    failed = sweep.failed_line(args.out, trials)
+    if failed:
+        raise LmlabError(failed)
 
 
 SWEEP = Verb(
@@ -476,7 +479,8 @@ SWEEP = Verb(
     description="Run one training per trial into OUT/runs/, one after another (or in --workers processes), then "
                 "write OUT/sweep.md (table sorted by --metric), OUT/best.toml and OUT/plots/. Rerunning the same "
                 "command skips finished trials. Stop rules (train.target_val_loss, train.max_time, "
-                "train.diverge_factor) apply to every trial.",
+                "train.diverge_factor) apply to every trial. A trial that fails (an error, not a divergence) is "
+                "recorded and the sweep goes on; the sweep then exits with status 2 and one line naming it.",
     epilog=EPILOG_OVERRIDES + " They apply to every trial.")
 
 
