@@ -469,6 +469,43 @@ def test_a_rank_that_timed_out_ends_only_its_sibling_processes(tmp_path):
             os.kill(grandchild, signal.SIGKILL)
 
 
+def test_torchruns_shutdown_grace_is_read_as_torchrun_resolves_it():
+    """The flag on torchrun's command line (the workers' parent), then PET_SHUTDOWN_TIMEOUT, then
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT, then 30 s (torch/distributed/run.py and launcher/api.py)."""
+    from lmlab.training.launcher import shutdown_timeout
+
+    torchrun_args = ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    both = {"PET_SHUTDOWN_TIMEOUT": "50", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}
+    assert shutdown_timeout(both, [*torchrun_args, "--shutdown-timeout", "90", "-m", "lmlab", "train"]) == (
+        90, "--shutdown-timeout 90")
+    assert shutdown_timeout(both, [*torchrun_args, "--shutdown_timeout=80", "-m", "lmlab", "train"])[0] == 80
+    assert shutdown_timeout(both, [*torchrun_args, "-m", "lmlab", "train"]) == (50, "PET_SHUTDOWN_TIMEOUT=50")
+    assert shutdown_timeout({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}, torchrun_args)[0] == 60
+    assert shutdown_timeout({}, []) == (30, "torchrun's default --shutdown-timeout")
+
+
+@pytest.mark.parametrize(("environ", "warned"), [
+    ({"TORCHELASTIC_RUN_ID": "t", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0"}, True),  # no grace: any checkpoint is slower
+    ({"TORCHELASTIC_RUN_ID": "t", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "100000"}, False),
+    ({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0"}, False),  # not under torchrun: no SIGTERM grace to fit in
+])
+def test_a_checkpoint_slower_than_half_torchruns_grace_is_warned_once(tiny_overrides, monkeypatch, environ, warned):
+    for name in ("TORCHELASTIC_RUN_ID", "PET_SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    lines = []
+    train(load_config(None, overrides(tiny_overrides, f"train.run_name=grace-{warned}")),
+          log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    warnings = [line for line in lines if "torchrun leaves lmlab" in line]
+    assert len(warnings) == warned, warnings  # four checkpoints written, one warning at most
+    if warned:
+        assert re.fullmatch(r"warning: writing checkpoint step_000002 took [\d.]+ s; on SIGTERM \(a preemption\) "
+                            r"torchrun leaves lmlab 0 s \(TORCH_ELASTIC_SHUTDOWN_TIMEOUT=0\) to finish the step and "
+                            r"write one before it kills the processes: start torchrun with --shutdown-timeout \d+ or "
+                            r"more", warnings[0]), warnings[0]
+
+
 # ---------------------------------------------------------------- any other error
 
 
