@@ -414,7 +414,7 @@ def test_a_rank_stopped_fails_the_job_within_the_collective_timeout_and_resumes_
                      r"newest checkpoint is step_000004", lines[0]), lines[0]
     assert re.search(r"rank\s+: 1 .*\n\s+exitcode\s+: -9", out), out[-2500:]  # torchrun's report: rank 1 SIGKILLed
     # The whole job, torchrun included, ends within the timeout and a few seconds, not 30 s later (torchrun's
-    # fixed grace before SIGKILL, which lmlab no longer waits for: lmlab/training/hung.py). Measured: 7.3 s here
+    # fixed grace before SIGKILL, which lmlab no longer waits for: lmlab/training/hung.py). Measured: 6.7-7.7 s
     # (36-37 s before, with or without `torchrun --shutdown-timeout 2`, which torch 2.13 ignores on this path).
     # A bound on a timeout-driven shutdown, not on computation; 15 s of slack for a loaded 2-core machine.
     assert ended_at < 5 + 15, f"torchrun returned {ended_at:.1f}s after rank 1 stopped"
