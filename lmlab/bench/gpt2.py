@@ -25,8 +25,8 @@ import torch
 
 from lmlab.errors import LmlabError
 
-GPT2_SWITCHES = dict(norm="layernorm", norm_position="pre", position="learned", ffn="gelu", tie_embeddings=True,
-                     bias=True)
+GPT2_SWITCHES = {"norm": "layernorm", "norm_position": "pre", "position": "learned", "ffn": "gelu",
+                 "tie_embeddings": True, "bias": True}
 ARCHITECTURE = "GPT2LMHeadModel"
 
 
