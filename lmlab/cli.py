@@ -165,10 +165,11 @@ def run_speedrun(args):
 
 
 BENCH = Verb(
-    "bench", "measure speed and memory, side by side with transformers' Llama", bench_flags, run_bench,
+    "bench", "measure speed and memory, side by side with transformers' Llama and GPT-2", bench_flags, run_bench,
     description="Benchmarks on this machine, each next to a reference in the same process: training step "
                 "(tokens/s, MFU, peak memory) against transformers' LlamaForCausalLM with the same shape and "
-                "weights, for the config's model and a ladder of sizes; generation with and without the KV "
+                "weights, for the config's model and a ladder of sizes (GPT2LMHeadModel for the ladder's shapes "
+                "with lmlab's GPT-2 switches); generation with and without the KV "
                 "cache; the data loader against the training step; prepare and tokenizer training against the "
                 "number of cores. Device, precision and compile come from the config.",
     epilog=EPILOG_OVERRIDES + " Results of this project's machines: benchmarks/RESULTS.md.")

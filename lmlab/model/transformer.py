@@ -85,6 +85,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
         self.v_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
         self.o_proj = nn.Linear(q_dim, config.d_model, bias=config.bias)
+        self.qkv_proj = None  # q/k/v packed in one matrix at run time (lmlab.model.fused); names stay q/k/v_proj
         # QK-norm as in Qwen3: one RMSNorm gain over head_dim, shared by all heads,
         # applied to every head's query and key before RoPE.
         self.qk_norm = config.qk_norm
@@ -102,9 +103,10 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None, kv_cache=None, layer=0, attn_mask=None, memory=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj.split(x) if self.qkv_proj is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from lmlab.errors import LmlabError
+from lmlab.model.fused import packed_optimizer_state, unpacked_optimizer_state
 from lmlab.training import hung
 
 _group_started = False  # this process started a process group (a torchrun worker); see end_worker
@@ -248,8 +249,8 @@ class Parallel:
 
     def full_optimizer_state(self, model, optimizer):
         """optimizer.state_dict() of the unsharded optimizer (parameters by index) on rank 0; {} elsewhere."""
-        if self.mode != "fsdp":
-            return optimizer.state_dict() if self.is_main else {}
+        if self.mode != "fsdp":  # packed projections are saved as the separate ones (lmlab.model.fused)
+            return unpacked_optimizer_state(model, optimizer, optimizer.state_dict()) if self.is_main else {}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         by_name = get_optimizer_state_dict(model, optimizer,
@@ -268,7 +269,7 @@ class Parallel:
         """Put full (unsharded) weights and optimizer state in place on this rank."""
         if self.mode != "fsdp":
             model.load_state_dict(weights, strict=True)
-            optimizer.load_state_dict(optimizer_state)
+            optimizer.load_state_dict(packed_optimizer_state(model, optimizer, optimizer_state))
             return
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
