@@ -99,6 +99,8 @@ def test_a_time_cap_stops_the_other_recipes_and_reports_their_best(tiny_override
     assert rows["cpu-speedrun"]["missed"] == f"seed 1337: best {fast['best_val_loss']:.4f} at {fast['best_s']:.0f} s"
     assert "ratio" not in rows["cpu-speedrun"] and "capped at 0s" in logged[2]
     assert "target not reached (time_budget): best" in logged[3]
+    saved = json.loads((tmp_path / "capped" / "runs-so-far.json").read_text())  # written after each run
+    assert [r["recipe"] for r in saved] == ["cpu-quickstart", "cpu-speedrun"] and saved[1]["status"] == "time_budget"
 
 
 def test_the_time_cap_needs_the_quick_start_first(capsys):

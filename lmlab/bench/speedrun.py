@@ -9,6 +9,8 @@ Design choices:
 - Each run is a real `lmlab.train` with train.target_val_loss, so it stops
   at the first evaluation at or below the target. Every recipe evaluates every
   `eval_every` steps (the same for all), so time to target is resolved alike.
+- Each finished run is added to runs-so-far.json at once, so a race cut
+  short (a deadline, a kill) still leaves every finished run's curve.
 - Turns are interleaved: seed 1 runs A, B, C, seed 2 runs B, C, A, ... so a
   slow spell of a shared machine does not fall on one recipe only.
 - Time is the run's training time (`elapsed_s`: the steps only, evaluation
@@ -58,7 +60,7 @@ def speedrun(out_dir, recipes=tuple(RECIPES), seeds=2, target=DEFAULT_TARGET, ev
     max_time_factor > 0 caps every recipe but the quick start at that multiple of the quick start's
     training time in the first turn (the quick start must then be the first recipe).
     """
-    from lmlab import load_config, train
+    from lmlab import atomic, load_config, train
 
     if seeds < 1:
         raise LmlabError(f"--seeds must be >= 1, got {seeds}")
@@ -85,6 +87,7 @@ def speedrun(out_dir, recipes=tuple(RECIPES), seeds=2, target=DEFAULT_TARGET, ev
             run_dir = train(config, log=lambda *a, **k: None)
             runs.append(read_run(name, seed, run_dir))
             log(f"speedrun: {run_name}: " + _one_line(runs[-1]))
+            atomic.write_text(out_dir / "runs-so-far.json", json.dumps(runs, indent=1) + "\n")  # a cut race keeps these
             if max_time_factor and cap_s is None:  # the first run is the quick start's: the unit of the cap
                 cap_s = max_time_factor * runs[-1]["total_s"]
     figure = plot(runs, target, out_dir / "speedrun.png")
