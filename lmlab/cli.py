@@ -80,7 +80,7 @@ TRAIN = Verb(
     epilog=EPILOG_OVERRIDES + " `lmlab config --keys` lists every key. Architecture switches for ablations: "
            "model.norm (rmsnorm, layernorm, none), model.norm_position (pre, post), model.position (rope, nope, "
            "learned), model.ffn (swiglu, silu, gelu, relu2), model.zero_init_proj, model.qk_norm, model.key_norm, "
-           "model.key_norm_scale, "
+           "model.key_norm_scale, model.logit_softcap, "
            "model.bias, model.tie_embeddings, model.n_kv_heads. Several GPUs or processes: "
            "`torchrun --nproc_per_node=N -m lmlab train ...` (train.parallel=ddp or fsdp; train.grad_accum is "
            "split over the N ranks).")
