@@ -80,7 +80,7 @@ TRAIN = Verb(
     epilog=EPILOG_OVERRIDES + " `lmlab config --keys` lists every key. Architecture switches for ablations: "
            "model.norm (rmsnorm, layernorm, none), model.norm_position (pre, post), model.position (rope, nope, "
            "learned), model.ffn (swiglu, silu, gelu, relu2), model.zero_init_proj, model.qk_norm, model.key_norm, "
-           "model.key_norm_scale, "
+           "model.key_norm_scale, model.logit_softcap, "
            "model.bias, model.tie_embeddings, model.n_kv_heads. Several GPUs or processes: "
            "`torchrun --nproc_per_node=N -m lmlab train ...` (train.parallel=ddp or fsdp; train.grad_accum is "
            "split over the N ranks; give torchrun --shutdown-timeout SECONDS above the time a checkpoint takes: "
@@ -109,6 +109,9 @@ def bench_flags(p):
     speed.add_argument("--target", type=float, default=2.44, help="validation loss to reach (default 2.44, the "
                                                                    "quick start's final)")
     speed.add_argument("--eval-every", type=int, default=50, help="steps between evaluations, for all recipes")
+    speed.add_argument("--max-time-factor", type=float, default=0.0, metavar="F",
+                       help="stop every other recipe after F x the quick start's training time in the first turn, "
+                            "schedule unchanged; cpu-quickstart must be the first recipe (default 0: no cap)")
     speed.add_argument("--dir", default="speedrun", help="where the runs, the report and the plot go "
                                                          "(default ./speedrun)")
     speed.add_argument("--append", metavar="FILE", help="append the report to this Markdown file "
@@ -149,7 +152,8 @@ def run_speedrun(args):
     recipes = parse_recipes(args.recipes)
     out_dir = Path(args.dir)
     section, figure, runs = speedrun(out_dir, recipes, seeds=args.seeds, target=args.target,
-                                     eval_every=args.eval_every, overrides=args.overrides[1:], log=print_now)
+                                     eval_every=args.eval_every, overrides=args.overrides[1:], log=print_now,
+                                     max_time_factor=args.max_time_factor)
     command = shlex.join(["lmlab", "bench", *sys.argv[2:]])
     report = "\n".join([f"Command: `{command}`", "", "Machine:", "", machine_lines(machine()), "",
                         section.markdown(), f"![validation loss against time]({figure})", ""])

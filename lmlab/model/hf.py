@@ -64,6 +64,8 @@ def hf_architecture(model_config):
         reasons.append(f"model.ffn={m.ffn!r} (Llama and Qwen3 use swiglu)")
     if m.key_norm:
         reasons.append("model.key_norm=true (no standard class normalises only the keys)")
+    if m.logit_softcap:
+        reasons.append(f"model.logit_softcap={m.logit_softcap:g} (Llama and Qwen3 do not cap their logits)")
     if m.qk_norm and m.bias:
         reasons.append("model.bias=true with model.qk_norm=true (Qwen3 has no biases in its MLP)")
     if reasons:
