@@ -32,13 +32,44 @@ def test_segments_cover_every_token_once_and_memory_changes_only_later_segments(
     documents = [("f", "abcdefghij" * 7), ("f", "the same text again " * 3)]
     on = segments.segment_perplexity(model(16), _Tok(), documents, memory=True)
     off = segments.segment_perplexity(model(16), _Tok(), documents, memory=False)
-    tokens = sum(len(t.encode()) + 1 for _, t in documents)  # every token and the closing eot, as targets
+    tokens = sum(len(t.encode()) for _, t in documents)  # every token after the first and the closing eot
     assert on["overall"]["tokens"] == off["overall"]["tokens"] == tokens
     assert sum(r["tokens"] for r in on["by_segment"]) == sum(r["tokens"] for r in on["by_position"]) == tokens
     assert on["memory"] and not off["memory"]
     assert on["by_segment"][0]["loss"] == pytest.approx(off["by_segment"][0]["loss"], abs=1e-4)  # nothing to recall yet
     assert on["by_segment"][1]["loss"] != pytest.approx(off["by_segment"][1]["loss"], abs=1e-4)
     assert "position in segment" in segments.segments_table(on)
+
+
+class _Recorder(torch.nn.Module):
+    """Records the segments it is given (and whether with a memory); predicts uniformly."""
+
+    def __init__(self, memory, context):
+        super().__init__()
+        self.config = ModelConfig(vocab_size=258, context_length=context, memory=memory)
+        self.inputs = []
+
+    def new_memory(self, batch_size, device=None):
+        return object()
+
+    def forward(self, x, memory=None):
+        self.inputs.append((x.clone(), memory is not None))
+        return torch.zeros(*x.shape, 258)
+
+
+def test_segments_are_read_as_stream_training_reads_a_document():
+    """'document <eot>' in consecutive segments with the memory carried: no end-of-text token as an input.
+
+    Stream training never feeds one (it is only a document's last target), so a leading one would
+    start each document with an input the model has not trained on.
+    """
+    text = "abcdefghij" * 5  # 50 tokens, + eot: targets 2..51 in segments of 16
+    recorder = _Recorder(memory=16, context=16)
+    result = segments.segment_perplexity(recorder, _Tok(), [("f", text)], memory=True)
+    ids = [b + 2 for b in text.encode()]
+    fed = torch.cat([x[0] for x, _ in recorder.inputs]).tolist()
+    assert fed == ids and all(with_memory for _, with_memory in recorder.inputs)
+    assert [r["tokens"] for r in result["by_segment"]] == [16, 16, 16, 2] and result["overall"]["tokens"] == 50
 
 
 class _Copier(torch.nn.Module):

@@ -5,12 +5,16 @@
     lmlab eval RUN --probe copy --distance 32,64    # copy a sequence whose source lies D tokens back
 
 Design choices:
-- A document is scored as training reads it: "<|endoftext|> document
-  <|endoftext|>" cut into consecutive segments of context_length tokens, in
-  order, one row per document. With memory (model.memory, lmlab.model.memory)
+- A document is scored as stream training reads it: "document <|endoftext|>"
+  cut into consecutive segments of context_length tokens, in order, one row
+  per document. Stream (and document) packing never feeds an end-of-text
+  token as an input, only as the last target, so a leading one (as plain
+  perplexity reads) would start every document with an input the model never
+  trained on: its untrained embedding spoiled the first segment and, through
+  the memory, the second. The first token is therefore context, not a target. With memory (model.memory, lmlab.model.memory)
   each segment also sees the row's previous M tokens; without, it sees only
-  itself. Every token is a target exactly once either way, so the two losses
-  compare token for token.
+  itself. Every token after the first is a target exactly once either way,
+  so the two losses compare token for token.
 - Loss by segment index shows whether later segments profit from what came
   before; loss by position within the segment shows where: without memory the
   first tokens of a segment have no context, with memory they have M tokens.
@@ -68,7 +72,7 @@ def segment_perplexity(model, tokenizer, documents, memory=True, device="cpu", p
     by_segment, by_position = {}, np.zeros((BUCKETS, 2))
     total = [0.0, 0]
     for ids in tokenizer.encode_batch([text for _, text in documents]):
-        row = np.array([eot] + ids + [eot], dtype=np.int64)[None]
+        row = np.array(ids + [eot], dtype=np.int64)[None]  # as stream training reads a document
         logprobs, _ = _run_segments(model, row, use_memory, device, precision)
         nats = -logprobs[0]
         for index, begin in enumerate(range(0, len(nats), T)):
