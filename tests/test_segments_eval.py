@@ -109,6 +109,20 @@ def test_distance_probe_finds_the_source_in_memory_and_only_there():
     assert [r["within_memory"] for r in on["distances"]] == [True, True, True, False]
 
 
+def test_distance_probe_draws_random_tokens_from_the_pool_it_is_given():
+    """--random-tokens seen|frequency|vocab: the pool of lmlab.evals.probes.random_pool, as the copy probe uses."""
+    recorder = _Recorder(memory=16, context=16)
+    pool = np.array([40, 41, 42, 43]), None
+    result = segments.distance_copy_probe(recorder, _Tok(), [8, 24], length=4, samples=3, pool=pool,
+                                          random_tokens="seen")
+    fed = torch.cat([x.flatten() for x, _ in recorder.inputs])
+    assert set(fed.tolist()) <= {40, 41, 42, 43}
+    assert (result["random_tokens"], result["random_pool"], result["chance"]) == ("seen", 4, 0.25)
+    weighted = segments.distance_copy_probe(recorder, _Tok(), [8], length=4, samples=2,
+                                            pool=(np.array([50, 51]), np.array([0.75, 0.25])), random_tokens="frequency")
+    assert weighted["chance"] == 0.75 and "frequency (2 ids)" in segments.distance_table(weighted)
+
+
 def test_distance_needs_the_copy_probe():
     with pytest.raises(LmlabError, match="--distance needs --probe copy"):
         EvalOptions(text=("x",), distance=(8,)).check()
@@ -135,6 +149,7 @@ def test_lmlab_eval_on_a_memory_run(tiny_overrides, tmp_path, small_corpus):
     assert final["status"] == "completed"
     probe = run_evals(run, probe=("copy",), distance=(8, 40), samples=2, log=lambda *_: None)["copy-distance"]
     assert [r["distance"] for r in probe["distances"]] == [8, 40] and np.isfinite(probe["distances"][0]["meaningful"])
+    assert probe["random_tokens"] == "seen" and probe["random_pool"] < 512 - 1  # tokens the run trained on
 
 
 def test_a_memory_run_exports_with_a_note_and_the_same_weights(tiny_overrides, tmp_path):

@@ -96,19 +96,23 @@ def segment_perplexity(model, tokenizer, documents, memory=True, device="cpu", p
 
 
 def distance_copy_probe(model, tokenizer, distances, length=8, samples=32, seed=0, memory=True, stream=None,
-                        device="cpu", precision="fp32"):
+                        pool=None, random_tokens="vocab", device="cpu", precision="fp32"):
     """Copy accuracy when the source lies D tokens before its repetition, the repetition starting a segment.
 
     Accuracy counts the repetition's tokens after its first (the first cannot be known), argmax == source.
-    `random`: source and filler are uniform random tokens, chance 1 / vocabulary. `meaningful` (when a
+    `random`: source and filler are random tokens drawn from `pool`, the (token ids, probabilities or
+    None) of lmlab.evals.probes.random_pool for `random_tokens` (seen / frequency / vocab, as the copy
+    probe draws them); None: every non-special token, uniformly. `meaningful` (when a
     token `stream` of real text is given): a window of real text whose span D tokens before the
     repetition is repeated; `first_accuracy` is the accuracy on that span where it first occurs, what
     the model gets from the text alone, without a copy.
     """
     T = model.config.context_length
     use_memory = bool(memory and getattr(model.config, "memory", 0))
-    specials = {tokenizer.eot_id, getattr(tokenizer, "pad_id", None)}
-    allowed = np.array([i for i in range(tokenizer.vocab_size) if i not in specials], dtype=np.int64)
+    if pool is None:
+        specials = {tokenizer.eot_id, getattr(tokenizer, "pad_id", None)}
+        pool = np.array([i for i in range(tokenizer.vocab_size) if i not in specials], dtype=np.int64), None
+    allowed, p = np.asarray(pool[0], dtype=np.int64), pool[1]
     rows = []
     for distance in distances:
         if distance < length:
@@ -117,7 +121,7 @@ def distance_copy_probe(model, tokenizer, distances, length=8, samples=32, seed=
         source = slice(copy_at - distance, copy_at - distance + length)
         row = {"distance": distance, "within_memory": use_memory and distance <= model.config.memory}
         rng = np.random.default_rng([seed, distance])
-        kinds = {"random": allowed[rng.integers(0, len(allowed), size=(samples, copy_at + length))]}
+        kinds = {"random": rng.choice(allowed, size=(samples, copy_at + length), p=p)}
         if stream is not None and len(stream) > copy_at + length:
             starts = rng.integers(0, len(stream) - copy_at - length, size=samples)
             kinds["meaningful"] = np.stack([stream[s:s + copy_at + length] for s in starts])
@@ -130,7 +134,8 @@ def distance_copy_probe(model, tokenizer, distances, length=8, samples=32, seed=
         rows.append(row)
     return {"kind": "distance-copy", "memory": use_memory, "model_memory": getattr(model.config, "memory", 0),
             "context_length": T, "length": length, "samples": samples, "seed": seed,
-            "chance": 1 / len(allowed), "distances": rows}
+            "random_tokens": random_tokens, "random_pool": len(allowed),
+            "chance": 1 / len(allowed) if p is None else float(np.max(p)), "distances": rows}
 
 
 def segments_table(result):
@@ -145,7 +150,8 @@ def segments_table(result):
 
 def distance_table(result):
     head = (f"memory {'on' if result['memory'] else 'off'} (model.memory={result['model_memory']}), copy of "
-            f"{result['length']} tokens, {result['samples']} samples, random chance {result['chance']:.4f}")
+            f"{result['length']} tokens, {result['samples']} samples, random tokens "
+            f"{result['random_tokens']} ({result['random_pool']} ids), chance {result['chance']:.4f}")
     rows = [[r["distance"], r["random"], r.get("meaningful"), r.get("first_accuracy"),
              "yes" if r["within_memory"] else "no"] for r in result["distances"]]
     return head + "\n" + table(["distance", "random", "meaningful", "meaningful, no copy", "source within memory"],

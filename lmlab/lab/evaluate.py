@@ -162,7 +162,9 @@ def _evaluations(target, o, log, **common):
             if name == "copy" and o.distance:
                 result = segments.distance_copy_probe(model, tokenizer, o.distance, length=(o.lengths or (8,))[0],
                                                       samples=o.limit or o.samples, seed=o.seed,
-                                                      memory=not o.no_memory, stream=stream, **common)
+                                                      memory=not o.no_memory, stream=stream,
+                                                      pool=probes.random_pool(tokenizer, counts, o.random_tokens),
+                                                      random_tokens=o.random_tokens, **common)
                 suffix = "" if result["memory"] else "-no-memory"
                 yield "copy-distance" + suffix, result, segments.distance_table(result), False
                 continue
