@@ -142,6 +142,7 @@ def test_lmlab_eval_on_a_memory_run(tiny_overrides, tmp_path, small_corpus):
     assert name == "segments-valid" and other == "segments-valid-no-memory"
     assert a["overall"]["tokens"] == b["overall"]["tokens"] and a["overall"]["loss"] != b["overall"]["loss"]
     assert json.loads((run / "evals" / "segments-valid.json").read_text())["by_segment"]
+    assert (run / "evals" / "segments-valid.png").is_file() and (run / "evals" / "segments-valid-no-memory.png").is_file()
     val = run_evals(run, val=True, log=lambda *_: None)["val"]["overall"]["loss"]
     final = json.loads((run / "summary.json").read_text())
     from ckpt_support import series
@@ -150,6 +151,7 @@ def test_lmlab_eval_on_a_memory_run(tiny_overrides, tmp_path, small_corpus):
     probe = run_evals(run, probe=("copy",), distance=(8, 40), samples=2, log=lambda *_: None)["copy-distance"]
     assert [r["distance"] for r in probe["distances"]] == [8, 40] and np.isfinite(probe["distances"][0]["meaningful"])
     assert probe["random_tokens"] == "seen" and probe["random_pool"] < 512 - 1  # tokens the run trained on
+    assert (run / "evals" / "copy-distance.png").is_file()
 
 
 def test_a_memory_run_exports_with_a_note_and_the_same_weights(tiny_overrides, tmp_path):

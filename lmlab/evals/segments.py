@@ -156,3 +156,57 @@ def distance_table(result):
              "yes" if r["within_memory"] else "no"] for r in result["distances"]]
     return head + "\n" + table(["distance", "random", "meaningful", "meaningful, no copy", "source within memory"],
                                 rows)
+
+
+def plot_segments(result, path, title=""):
+    """Loss against segment index (left) and against position within the segment (right), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    rows = result["by_segment"]
+    left.plot([r["segment"] for r in rows], [r["loss"] for r in rows], "o-", ms=3)
+    left.set_xlabel(f"segment index in the document ({result['context_length']} tokens each)")
+    right.plot(range(len(result["by_position"])), [r["loss"] for r in result["by_position"]], "o-", ms=3)
+    right.set_xticks(range(len(result["by_position"])), [r["positions"] for r in result["by_position"]], fontsize=7)
+    right.set_xlabel("position within the segment")
+    for ax in (left, right):
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+    memory = "on" if result["memory"] else "off"
+    fig.suptitle(title or f"memory {memory}: overall {result['overall']['loss']:.4f}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_distance(result, path, title=""):
+    """Copy accuracy against the distance D back to the source, random tokens and real text, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["distances"]
+    d = [r["distance"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.plot(d, [r["random"] for r in rows], "o-", color="tab:red", label=f"random ({result['random_tokens']})")
+    if all("meaningful" in r for r in rows):
+        ax.plot(d, [r["meaningful"] for r in rows], "o-", color="tab:blue", label="real text: repeated span")
+        ax.plot(d, [r["first_accuracy"] for r in rows], ":", color="tab:blue", label="real text: no copy")
+    ax.axhline(result["chance"], color="gray", ls=":", lw=1, label="random chance")
+    ax.axvline(result["context_length"], color="black", ls="--", lw=1, label="segment length")
+    if result["memory"]:
+        ax.axvline(result["model_memory"], color="tab:green", ls="--", lw=1, label="memory M")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("distance D from the source to its copy (tokens)")
+    ax.set_ylabel("teacher-forced greedy accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"copy of {result['length']} tokens, memory {'on' if result['memory'] else 'off'}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
