@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Experiment 7: working memory. Where does copying form, and how does it look next to the quick
 # start, which does not copy?
-#  1. copy: the induction setting (experiments/induction: 2 layers, d_model 64, vocabulary 300, the
-#     synthetic copy corpus, constant lr 1e-2, batch 8), with the copy probe and the history gain
-#     logged every 250 steps (train.evals): copy accuracy against training tokens, the phase change.
+#  1. copy: the induction setting (experiments/induction: 2 layers, d_model 128, vocabulary 300, the
+#     synthetic copy corpus, constant lr 3e-3, batch 32, 2,500 steps), with the copy probe and the
+#     history gain logged every 250 steps (train.evals): copy accuracy against training tokens, the
+#     phase change (near step 1,500).
 #  2. quickstart: the CPU quick start (lmlab train, TinyStories) with the same evals every 200 steps.
 #  3. lmlab eval on both: copy accuracy against length, inside and beyond the 128-token window, on
 #     random tokens seen in training and on meaningful text (each run's validation split), and the
@@ -14,9 +15,9 @@ RUNS=${1:?usage: run.sh RUNS_DIR}
 OUT="$RUNS/working-memory"
 
 lmlab train data.corpus=copy data.tokenizer_vocab_size=300 \
-    model.n_layers=2 model.d_model=64 model.n_heads=4 model.context_length=128 \
-    optim.schedule=constant optim.lr=1e-2 optim.warmup_steps=50 \
-    train.batch_size=8 train.max_steps=8000 \
+    model.n_layers=2 model.d_model=128 model.n_heads=4 model.context_length=128 \
+    optim.schedule=constant optim.lr=3e-3 optim.warmup_steps=50 \
+    train.batch_size=32 train.max_steps=2500 \
     train.eval_every=250 train.eval_batches=10 train.evals=copy,history train.evals_separator="|" \
     train.sample_prompts="abcdefghij|" train.sample_tokens=12 train.checkpoint_minutes=0 \
     train.runs_dir="$OUT" train.run_name=copy
