@@ -96,6 +96,11 @@ def check_reference(config):
         reasons.append("torchrun (the reference is a one-process loop)")
     if reasons:
         raise LmlabError("lmlab bench reference cannot repeat this run with transformers: " + "; ".join(reasons))
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise LmlabError(f"lmlab bench reference needs transformers, which could not be imported ({e}): "
+                         "pip install 'lmlab[bench]'") from None
     return hf_architecture(m)
 
 
