@@ -121,6 +121,8 @@ def bench_flags(p):
 def run_bench(args):
     if args.overrides[:1] == ["speedrun"]:
         return run_speedrun(args)
+    if args.overrides[:1] == ["reference"]:
+        return run_reference(args)
     from lmlab.bench.suite import parse_only
     from lmlab.config import load_config
 
@@ -168,6 +170,16 @@ def run_speedrun(args):
         print_now(f"appended to {path}")
 
 
+def run_reference(args):
+    """`lmlab bench reference [--config FILE] [KEY=VALUE...]`: the run again, by transformers in a plain loop."""
+    from lmlab.config import load_config
+
+    config = load_config(args.config, args.overrides[1:])
+    from lmlab.bench.reference import train_reference
+
+    train_reference(config, log=print_now)
+
+
 BENCH = Verb(
     "bench", "measure speed and memory, side by side with transformers' Llama and GPT-2", bench_flags, run_bench,
     description="Benchmarks on this machine, each next to a reference in the same process: training step "
@@ -175,8 +187,14 @@ BENCH = Verb(
                 "weights, for the config's model and a ladder of sizes (GPT2LMHeadModel for the ladder's shapes "
                 "with lmlab's GPT-2 switches); generation with and without the KV "
                 "cache; the data loader against the training step; prepare and tokenizer training against the "
-                "number of cores. Device, precision and compile come from the config.",
-    epilog=EPILOG_OVERRIDES + " Results of this project's machines: benchmarks/RESULTS.md.")
+                "number of cores. Device, precision and compile come from the config. "
+                "`lmlab bench reference [--config FILE] [KEY=VALUE ...]` instead trains the model that `lmlab train` "
+                "would train, with the same config, data order, initial weights and learning rates, again with "
+                "transformers' LlamaForCausalLM in a plain PyTorch loop (torch AdamW), into the run directory "
+                "RUN_NAME-reference, which lmlab compare / runs / report / eval read (train.evals run on it too): "
+                "an independent check of a finding. Switches transformers' Llama cannot express are refused.",
+    epilog=EPILOG_OVERRIDES + " Results of this project's machines: benchmarks/RESULTS.md. "
+                              "lmlab bench reference: docs/evals.md.")
 
 
 # ---------------------------------------------------------------- lmlab config
