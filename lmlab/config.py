@@ -65,6 +65,7 @@ class ModelConfig:
     position: Literal["rope", "nope", "learned"] = "rope"  # rope (rotary, rope_theta), nope (no position information), learned (absolute embedding)
     ffn: Literal["swiglu", "silu", "gelu", "relu2"] = "swiglu"  # swiglu: W2(SiLU(W1 x) * W3 x); silu: W2 SiLU(W1 x); gelu: W2 GELU(W1 x); relu2: W2 ReLU(W1 x)^2 (modded-nanogpt)
     zero_init_proj: bool = False  # start the residual-writing projections (o_proj, down_proj) at zero: each block begins as the identity (modded-nanogpt)
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap) at the LM head (Gemma 2, modded-nanogpt); 0 = off
     head_dim: int = 0  # width of one attention head; 0 = d_model / n_heads
     qk_norm: bool = False  # RMSNorm of queries and keys over each head before RoPE (as in Qwen3)
     key_norm: bool = False  # KeyNorm: keys L2-normalised per head, logits = scale * q.k/|k| instead of q.k/sqrt(head_dim)
@@ -145,6 +146,7 @@ class TrainConfig:
     attention: Literal["sdpa", "eager", "flash_attn", "xformers"] = "sdpa"  # sdpa (torch picks flash / memory-efficient kernels), eager (plain ops), flash_attn, xformers (if installed)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     loss_chunk: int = 4096  # LM head + fp32 loss over this many rows at a time, never the full logits; 0 = all at once
+    fuse_projections: Literal["auto", "true", "false"] = "auto"  # one packed matrix for q/k/v (and SwiGLU's gate/up) while training; saved weights keep the separate names; auto = on where it helps (speed.md)
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     seed: int = 1337  # seeds init, data order and sampling
     run_name: str = ""  # run directory name; "" = <preset>-<date>-<time>
@@ -459,6 +461,8 @@ def _check_model(m):
         raise LmlabError("model.init_std, model.norm_eps and model.rope_theta must be positive")
     if m.key_norm_scale < 0:
         raise LmlabError(f"model.key_norm_scale must be >= 0 (0 = learned), got {m.key_norm_scale}")
+    if not m.logit_softcap >= 0 or not math.isfinite(m.logit_softcap):
+        raise LmlabError(f"model.logit_softcap must be >= 0 (0 = off), got {m.logit_softcap}")
     if m.d_ff < 0 or m.vocab_size < 0:
         raise LmlabError("model.d_ff and model.vocab_size must be >= 0 (0 = derive them)")
     if m.memory < 0:
@@ -492,6 +496,7 @@ def _check_budget_and_data(config):
     if o.warmup_steps < 0:
         raise LmlabError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _check_muon(o)
+    _check_fusion(config)
     if not d.corpus and not d.train_files and not d.shards:
         raise LmlabError("no training data: set data.corpus, data.train_files or data.shards")
     if not 0 < d.val_fraction < 1:
@@ -505,6 +510,20 @@ def _check_budget_and_data(config):
     if t.evals_every < 0 or (t.evals_every and t.eval_every and t.evals_every % t.eval_every):
         raise LmlabError(f"train.evals_every={t.evals_every} must be 0 or a multiple of train.eval_every={t.eval_every} "
                          "(the evals run at validation time)")
+
+
+def _check_fusion(config):
+    """train.fuse_projections=true only where packing changes nothing (lmlab/model/fused.py)."""
+    o, t = config.optim, config.train
+    if t.fuse_projections != "true":
+        return
+    if o.name != "adamw":
+        raise LmlabError(f"train.fuse_projections=true needs optim.name=adamw, got {o.name} (Muon orthogonalises "
+                         "each matrix and 8-bit AdamW quantises state in blocks: a packed q/k/v would change both); "
+                         "use train.fuse_projections=auto or false")
+    if t.parallel == "fsdp":
+        raise LmlabError("train.fuse_projections=true does not work with train.parallel=fsdp (its checkpoints name "
+                         "parameters as the model holds them); use train.fuse_projections=auto or false")
 
 
 def _check_muon(o):

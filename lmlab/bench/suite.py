@@ -41,6 +41,10 @@ def run(config, only=BENCHMARKS, reference=True, find_batch=False, budget_mib=No
 
     device = resolve_device(config.train.device)
     precision = resolve_precision(config.train.precision, device)
+    if config.train.threads > 0:  # train.threads=1: one thread, the steadiest ratios on a shared machine
+        import torch
+
+        torch.set_num_threads(config.train.threads)
     info = machine(device)
     info["device"], info["precision"] = str(device), precision
     sections = []

@@ -1,11 +1,13 @@
-"""Training step: lmlab next to transformers' LlamaForCausalLM, same shape, same weights, same batch.
+"""Training step: lmlab next to transformers' LlamaForCausalLM and GPT2LMHeadModel, same shape, weights and batch.
 
     section = training_step()                 # the default ladder, fp32 on CPU
     print(section.markdown())
 
 Design choices:
 - The reference is built from lmlab's own exporter (`hf_config`,
-  `hf_state_dict`), so both models hold the same weights; before anything is
+  `hf_state_dict`), so both models hold the same weights; for a shape with
+  lmlab's GPT-2 switches it is GPT2LMHeadModel, nanoGPT's architecture, with
+  the weights mapped by `lmlab.bench.gpt2`; before anything is
   timed the first-step losses must agree (1e-4 relative in fp32), else this
   is an LmlabError: a ratio of two different computations means nothing.
 - A step is what the trainer does per micro-batch, minus data loading and
@@ -34,6 +36,7 @@ import torch
 
 from lmlab.training import perf
 from lmlab.bench import common
+from lmlab.bench.gpt2 import ARCHITECTURE as GPT2, gpt2_model, gpt2_shape, gpt2_state_dict, is_gpt2
 from lmlab.bench.common import Section, peak_memory, return_freed_memory, sync, time_side_by_side, transformers_model
 from lmlab.config import Config, TrainConfig, validate
 from lmlab.device import autocast, grad_scaler, resolve_device, resolve_precision
@@ -43,10 +46,14 @@ from lmlab.training.fastpaths import prepare_model
 from lmlab.model.transformer import Transformer
 from lmlab.training.optim import build_optimizer, param_groups
 
+QUICKSTART = dict(d_model=128, n_layers=4, n_heads=4, context_length=128, vocab_size=2048)  # configs/cpu-quickstart.toml
+D256 = dict(d_model=256, n_layers=4, n_heads=4, context_length=256, vocab_size=2048)
 LADDER = (
-    dict(d_model=128, n_layers=4, n_heads=4, context_length=128, vocab_size=2048),  # configs/cpu-quickstart.toml
-    dict(d_model=256, n_layers=4, n_heads=4, context_length=256, vocab_size=2048),
+    QUICKSTART,
+    D256,
     dict(d_model=384, n_layers=6, n_heads=6, context_length=512, vocab_size=4096),
+    gpt2_shape(QUICKSTART),  # against GPT2LMHeadModel (nanoGPT's model.py)
+    gpt2_shape(D256),
 )
 MEMORY_STEPS = 2  # steps inside the memory measurement: the first allocates AdamW's state, the second runs with it
 LOSS_RTOL = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}  # first-step loss agreement required before timing
@@ -72,7 +79,7 @@ def training_step(shapes=LADDER, device="cpu", precision="fp32", batch_size=8, s
     for shape in shapes:
         config = bench_config(shape, batch_size, precision, compile)
         if why_alone is None:
-            hf_architecture(config.model)  # a shape with no HF class is an LmlabError before any work
+            reference_class(config.model)  # a shape with no reference class is an LmlabError before any work
         row, fused = measure_shape(config, device, precision, steps, warmup, peak, why_alone is None)
         rows.append(row)
         log(_progress(row))
@@ -107,7 +114,7 @@ def measure_shape(config, device, precision, steps, warmup, peak, reference):
     source = Transformer(m)
     weights = {name: t.detach().clone() for name, t in source.state_dict().items()}
     flops_per_token, params = source.flops_per_token(), source.num_params()
-    hf_weights = {name: t.clone() for name, t in hf_state_dict(source).items()} if reference else None
+    hf_weights = reference_weights(source) if reference else None
     del source
     fused = lmlab_fused(config, device)
     builders = {"lmlab": lambda: build_lmlab(config, x, y, device, precision, weights)}
@@ -130,7 +137,7 @@ def measure_shape(config, device, precision, steps, warmup, peak, reference):
         row.update(hf_tok_s=tok_s["transformers"], speed_ratio=tok_s["lmlab"] / tok_s["transformers"],
                    hf_mfu=perf.mfu(tok_s["transformers"], flops_per_token, peak), hf_mib=mib["transformers"],
                    memory_ratio=_ratio(mib["lmlab"], mib["transformers"]), loss_rel_diff=rel_diff,
-                   reference=hf_architecture(m))
+                   reference=reference_class(m))
     return row, fused
 
 
@@ -200,9 +207,24 @@ def build_lmlab(config, x, y, device, precision, weights=None):
     return step
 
 
+def reference_class(model_config):
+    """The transformers class the shape is timed against: GPT2LMHeadModel for the GPT-2 switches, else Llama / Qwen3."""
+    return GPT2 if is_gpt2(model_config) else hf_architecture(model_config)
+
+
+def reference_weights(source):
+    """The Transformer's weights under the reference class's names (and layouts)."""
+    if is_gpt2(source.config):
+        return gpt2_state_dict(source.state_dict(), source.config.n_layers)
+    return {name: t.clone() for name, t in hf_state_dict(source).items()}
+
+
 def build_transformers(config, x, y, device, precision, hf_weights, fused):
     """transformers' step on the same weights: its model and loss, torch AdamW like lmlab's; step.model is its model."""
-    model = transformers_model(config.model, hf_weights, device)
+    if is_gpt2(config.model):
+        model = gpt2_model(config.model, hf_weights, device)
+    else:
+        model = transformers_model(config.model, hf_weights, device)
     model.to(device).train()
     forward = torch.compile(model) if config.train.compile else model
     o = config.optim
@@ -227,7 +249,8 @@ def lmlab_fused(config, device):
 
 
 def shape_name(m):
-    return f"d{m.d_model} {m.n_layers}L h{m.n_heads} ctx{m.context_length} v{m.vocab_size}"
+    name = f"d{m.d_model} {m.n_layers}L h{m.n_heads} ctx{m.context_length} v{m.vocab_size}"
+    return name + " gpt2" if is_gpt2(m) else name
 
 
 def _transformers():
@@ -284,7 +307,8 @@ def _notes(rows, device, precision, batch_size, steps, warmup, compile, peak, pe
         agreement = max(row["loss_rel_diff"] for row in rows)
         notes += [
             f"reference: transformers {transformers.__version__} {'/'.join(classes)} (sdpa attention) with lmlab's "
-            "weights (lmlab.model.hf), its own loss with shift_labels=targets (the same targets as lmlab), "
+            "weights (lmlab.model.hf; lmlab.bench.gpt2 for GPT2LMHeadModel, against lmlab with model.norm=layernorm, "
+            "position=learned, ffn=gelu, tie_embeddings=true, bias=true: shapes marked gpt2), its own loss with shift_labels=targets (the same targets as lmlab), "
             "torch AdamW with lmlab's parameter groups, hyper-parameters and fused setting",
             f"first-step losses agree to {agreement:.1g} relative (required: {LOSS_RTOL[precision]:g})",
             "speed ratio = lmlab tok/s / transformers tok/s (> 1: lmlab faster); "

@@ -10,6 +10,7 @@ computed, only how; tests/test_fastpaths.py checks each against the plain path.
     train.activation_checkpointing  recompute each block in backward (Transformer.forward)
     train.loss_chunk              LM head + fp32 loss chunk by chunk of rows (model.chunked_lm_loss)
     train.compile                 torch.compile of the model, the loss included
+    train.fuse_projections        q/k/v (and gate/up) packed in one matrix (lmlab.model.fused): fuse_for_training
     optim.name / optim.fused      adamw8bit (bitsandbytes) / fused AdamW (lmlab.training.optim)
 
 Design choices:
@@ -29,6 +30,7 @@ import torch
 
 from lmlab.device import autocast, resolve_precision
 from lmlab.errors import LmlabError
+from lmlab.model.fused import fuse_projections
 from lmlab.model.layers import optional_module
 from lmlab.model.transformer import Attention
 
@@ -57,6 +59,24 @@ def prepare_model(model, config, device, precision=None):
 
     step_fn.model = forward  # what step_fn runs (compiled or not), e.g. for evaluation code that wants logits
     return step_fn
+
+
+AUTO_FUSE = ()  # what train.fuse_projections=auto packs: nothing, packing measured no faster on CPU (docs/speed.md)
+
+
+def fuse_for_training(model, config, parallel="none"):
+    """Pack the projections train.fuse_projections asks for, in place, before the model is wrapped and the
+    optimizer built; returns the owner classes packed (() for none).
+
+    Only with AdamW (elementwise, so the same step) and without FSDP; config
+    validation refuses `true` elsewhere, and `auto` stays off there.
+    """
+    choice = config.train.fuse_projections
+    if choice == "false" or config.optim.name != "adamw" or parallel == "fsdp":
+        return ()
+    owners = AUTO_FUSE if choice == "auto" else ("Attention", "SwiGLU")
+    fuse_projections(model, owners)
+    return owners
 
 
 def check_attention(backend, device, precision):

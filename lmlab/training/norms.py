@@ -30,6 +30,8 @@ Design choices:
 
 import torch
 
+from lmlab.model.fused import part_forward_hook
+
 
 def group_of(name):
     """'layers.0.self_attn.q_proj.weight' -> 'layers.0.self_attn'; 'embed_tokens.weight' -> 'embed_tokens'."""
@@ -90,8 +92,8 @@ class NormProbe:
         was_training = model.training
         try:
             hooks = [module.register_forward_hook(hook(name)) for name, module in watched]
-            hooks += [block.self_attn.k_proj.register_forward_hook(key_hook(f"layers.{i}", block.self_attn.head_dim))
-                      for i, block in enumerate(model.layers) if hasattr(block.self_attn, "k_proj")]
+            hooks += [part_forward_hook(block.self_attn, "k_proj", key_hook(f"layers.{i}", block.self_attn.head_dim))
+                      for i, block in enumerate(model.layers)]
             model.eval()
             model(x)
         finally:

@@ -48,7 +48,7 @@ from lmlab.rundir.env import write_env
 from lmlab.rundir.metrics import MetricsLog, NoMetrics
 from lmlab.rundir.sinks import StatusLine, open_sinks
 from lmlab.training import checkpoint, diskspace, perf, resume, schedules
-from lmlab.training.fastpaths import prepare_model
+from lmlab.training.fastpaths import fuse_for_training, prepare_model
 from lmlab.training.faults import NonFiniteGuard
 from lmlab.training.memories import Memories
 from lmlab.training.norms import NormProbe
@@ -247,6 +247,7 @@ def _log_start(run):
 
 def _optimization(run):
     """The model wrapped for data parallelism, the optimizer (after sharding), the grad scaler, the fast paths."""
+    fuse_for_training(run.model, run.config, run.parallel.mode)  # before DDP / the optimizer see the parameters
     run.forward_model = run.parallel.wrap(run.model)
     run.optimizer = build_optimizer(run.model, run.config.optim, run.device)
     run.scaler = grad_scaler(run.precision, run.device)
