@@ -2,7 +2,7 @@
 # Experiment 7: working memory. Where does copying form, and how does it look next to the quick
 # start, which does not copy? Is the phase change specific to lmlab?
 #  1. copy: the induction setting (experiments/induction: 2 layers, d_model 128, vocabulary 300, the
-#     synthetic copy corpus, constant lr 3e-3, batch 32, 4,000 steps), with the copy probe and the
+#     synthetic copy corpus, constant lr 3e-3, batch 32, 2,500 steps), with the copy probe and the
 #     history gain logged every 250 steps (train.evals): copy accuracy against training tokens, the
 #     phase change.
 #  2. copy-reference: the same run again with transformers' LlamaForCausalLM in a plain PyTorch loop
@@ -19,7 +19,7 @@ OUT="$RUNS/working-memory"
 COPY="data.corpus=copy data.tokenizer_vocab_size=300
     model.n_layers=2 model.d_model=128 model.n_heads=4 model.context_length=128
     optim.schedule=constant optim.lr=3e-3 optim.warmup_steps=50
-    train.batch_size=32 train.max_steps=4000
+    train.batch_size=32 train.max_steps=2500
     train.eval_every=250 train.eval_batches=10 train.evals=copy,history
     train.checkpoint_minutes=0 train.runs_dir=$OUT train.run_name=copy"
 
