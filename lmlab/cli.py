@@ -80,10 +80,11 @@ TRAIN = Verb(
     epilog=EPILOG_OVERRIDES + " `lmlab config --keys` lists every key. Architecture switches for ablations: "
            "model.norm (rmsnorm, layernorm, none), model.norm_position (pre, post), model.position (rope, nope, "
            "learned), model.ffn (swiglu, silu, gelu, relu2), model.zero_init_proj, model.qk_norm, model.key_norm, "
-           "model.key_norm_scale, "
+           "model.key_norm_scale, model.logit_softcap, "
            "model.bias, model.tie_embeddings, model.n_kv_heads. Several GPUs or processes: "
            "`torchrun --nproc_per_node=N -m lmlab train ...` (train.parallel=ddp or fsdp; train.grad_accum is "
-           "split over the N ranks).")
+           "split over the N ranks; give torchrun --shutdown-timeout SECONDS above the time a checkpoint takes: "
+           "on SIGTERM it gives lmlab that long, 30 s by default, to save one).")
 
 
 # ---------------------------------------------------------------- lmlab bench
@@ -108,6 +109,9 @@ def bench_flags(p):
     speed.add_argument("--target", type=float, default=2.44, help="validation loss to reach (default 2.44, the "
                                                                    "quick start's final)")
     speed.add_argument("--eval-every", type=int, default=50, help="steps between evaluations, for all recipes")
+    speed.add_argument("--max-time-factor", type=float, default=0.0, metavar="F",
+                       help="stop every other recipe after F x the quick start's training time in the first turn, "
+                            "schedule unchanged; cpu-quickstart must be the first recipe (default 0: no cap)")
     speed.add_argument("--dir", default="speedrun", help="where the runs, the report and the plot go "
                                                          "(default ./speedrun)")
     speed.add_argument("--append", metavar="FILE", help="append the report to this Markdown file "
@@ -117,6 +121,8 @@ def bench_flags(p):
 def run_bench(args):
     if args.overrides[:1] == ["speedrun"]:
         return run_speedrun(args)
+    if args.overrides[:1] == ["reference"]:
+        return run_reference(args)
     from lmlab.bench.suite import parse_only
     from lmlab.config import load_config
 
@@ -148,7 +154,8 @@ def run_speedrun(args):
     recipes = parse_recipes(args.recipes)
     out_dir = Path(args.dir)
     section, figure, runs = speedrun(out_dir, recipes, seeds=args.seeds, target=args.target,
-                                     eval_every=args.eval_every, overrides=args.overrides[1:], log=print_now)
+                                     eval_every=args.eval_every, overrides=args.overrides[1:], log=print_now,
+                                     max_time_factor=args.max_time_factor)
     command = shlex.join(["lmlab", "bench", *sys.argv[2:]])
     report = "\n".join([f"Command: `{command}`", "", "Machine:", "", machine_lines(machine()), "",
                         section.markdown(), f"![validation loss against time]({figure})", ""])
@@ -163,6 +170,16 @@ def run_speedrun(args):
         print_now(f"appended to {path}")
 
 
+def run_reference(args):
+    """`lmlab bench reference [--config FILE] [KEY=VALUE...]`: the run again, by transformers in a plain loop."""
+    from lmlab.config import load_config
+
+    config = load_config(args.config, args.overrides[1:])
+    from lmlab.bench.reference import train_reference
+
+    train_reference(config, log=print_now)
+
+
 BENCH = Verb(
     "bench", "measure speed and memory, side by side with transformers' Llama and GPT-2", bench_flags, run_bench,
     description="Benchmarks on this machine, each next to a reference in the same process: training step "
@@ -170,8 +187,14 @@ BENCH = Verb(
                 "weights, for the config's model and a ladder of sizes (GPT2LMHeadModel for the ladder's shapes "
                 "with lmlab's GPT-2 switches); generation with and without the KV "
                 "cache; the data loader against the training step; prepare and tokenizer training against the "
-                "number of cores. Device, precision and compile come from the config.",
-    epilog=EPILOG_OVERRIDES + " Results of this project's machines: benchmarks/RESULTS.md.")
+                "number of cores. Device, precision and compile come from the config. "
+                "`lmlab bench reference [--config FILE] [KEY=VALUE ...]` instead trains the model that `lmlab train` "
+                "would train, with the same config, data order, initial weights and learning rates, again with "
+                "transformers' LlamaForCausalLM in a plain PyTorch loop (torch AdamW), into the run directory "
+                "RUN_NAME-reference, which lmlab compare / runs / report / eval read (train.evals run on it too): "
+                "an independent check of a finding. Switches transformers' Llama cannot express are refused.",
+    epilog=EPILOG_OVERRIDES + " Results of this project's machines: benchmarks/RESULTS.md. "
+                              "lmlab bench reference: docs/evals.md.")
 
 
 # ---------------------------------------------------------------- lmlab config
@@ -465,9 +488,12 @@ def sweep_flags(p):
 def run_sweep(args):
     from lmlab.lab import sweep
 
-    sweep.run_sweep(args.config, args.overrides, grid=args.grid, random_items=args.random, n_trials=args.trials,
-                    seed=args.seed, out=args.out, workers=args.workers, metric=args.metric,
-                    lr_scaling=args.lr_scaling, log=print_now)
+    trials = sweep.run_sweep(args.config, args.overrides, grid=args.grid, random_items=args.random,
+                             n_trials=args.trials, seed=args.seed, out=args.out, workers=args.workers,
+                             metric=args.metric, lr_scaling=args.lr_scaling, log=print_now)
+    failed = sweep.failed_line(args.out, trials)
+    if failed:
+        raise LmlabError(failed)
 
 
 SWEEP = Verb(
@@ -476,7 +502,8 @@ SWEEP = Verb(
     description="Run one training per trial into OUT/runs/, one after another (or in --workers processes), then "
                 "write OUT/sweep.md (table sorted by --metric), OUT/best.toml and OUT/plots/. Rerunning the same "
                 "command skips finished trials. Stop rules (train.target_val_loss, train.max_time, "
-                "train.diverge_factor) apply to every trial.",
+                "train.diverge_factor) apply to every trial. A trial that fails (an error, not a divergence) is "
+                "recorded and the sweep goes on; the sweep then exits with status 2 and one line naming it.",
     epilog=EPILOG_OVERRIDES + " They apply to every trial.")
 
 
@@ -528,9 +555,12 @@ def _add_verbs(parser, verbs, dest):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # argparse itself ignores a closed pipe for --help
     try:
         code = _run(args)
+        sys.stdout.flush()  # a reader that left is met here, not in Python's flush at exit
+    except BrokenPipeError:
+        code = _reader_left()
     except Exception:
         from lmlab.training import distributed
 
@@ -541,6 +571,22 @@ def main(argv=None):
     from lmlab.training.distributed import end_worker
 
     return end_worker(code)  # a torchrun worker exits here, skipping interpreter finalization (see there)
+
+
+def _reader_left():
+    """`lmlab runs | head -1`: the reader closed the pipe. Exit quietly, as a shell tool killed by SIGPIPE would.
+
+    stdout is pointed at /dev/null so that Python's flush at exit does not
+    raise again (the Python docs' recipe, "Note on SIGPIPE"); the status is
+    128 + SIGPIPE = 141, what the shell reports for `yes | head -1`'s `yes`.
+    """
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (redirected inside Python): nothing is flushed at exit
+        pass
+    return 141
 
 
 def _run(args):

@@ -65,6 +65,7 @@ class ModelConfig:
     position: Literal["rope", "nope", "learned"] = "rope"  # rope (rotary, rope_theta), nope (no position information), learned (absolute embedding)
     ffn: Literal["swiglu", "silu", "gelu", "relu2"] = "swiglu"  # swiglu: W2(SiLU(W1 x) * W3 x); silu: W2 SiLU(W1 x); gelu: W2 GELU(W1 x); relu2: W2 ReLU(W1 x)^2 (modded-nanogpt)
     zero_init_proj: bool = False  # start the residual-writing projections (o_proj, down_proj) at zero: each block begins as the identity (modded-nanogpt)
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap) at the LM head (Gemma 2, modded-nanogpt); 0 = off
     head_dim: int = 0  # width of one attention head; 0 = d_model / n_heads
     qk_norm: bool = False  # RMSNorm of queries and keys over each head before RoPE (as in Qwen3)
     key_norm: bool = False  # KeyNorm: keys L2-normalised per head, logits = scale * q.k/|k| instead of q.k/sqrt(head_dim)
@@ -460,6 +461,8 @@ def _check_model(m):
         raise LmlabError("model.init_std, model.norm_eps and model.rope_theta must be positive")
     if m.key_norm_scale < 0:
         raise LmlabError(f"model.key_norm_scale must be >= 0 (0 = learned), got {m.key_norm_scale}")
+    if not m.logit_softcap >= 0 or not math.isfinite(m.logit_softcap):
+        raise LmlabError(f"model.logit_softcap must be >= 0 (0 = off), got {m.logit_softcap}")
     if m.d_ff < 0 or m.vocab_size < 0:
         raise LmlabError("model.d_ff and model.vocab_size must be >= 0 (0 = derive them)")
     if m.memory < 0:

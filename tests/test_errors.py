@@ -90,7 +90,7 @@ def test_cuda_asked_for_but_absent(capsys, base, tmp_path, small_corpus):
 
 def test_unknown_key_from_the_console_script():
     result = subprocess.run([sys.executable, "-m", "lmlab.cli", "train", "optim.learning_rate=1e-3"],
-                            capture_output=True, text=True)
+                            check=False, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "lmlab: error: unknown config key 'optim.learning_rate' (did you mean 'optim.lr'?)"
 
@@ -98,3 +98,23 @@ def test_unknown_key_from_the_console_script():
 def test_generate_on_a_missing_run(capsys, tmp_path):
     code, err = run_cli(capsys, "generate", str(tmp_path / "nope"))
     assert_one_line_error(code, err, "nope")
+
+
+@pytest.mark.parametrize("argv", [["config", "--keys"], ["runs", "RUNS"]])
+def test_a_reader_that_closes_the_pipe_early_gets_no_traceback(argv, tmp_path):
+    """`lmlab runs | head -1`: the reader leaves before lmlab writes; lmlab exits quietly with 141.
+
+    The pipe's read end is closed before the child has even imported Python's
+    standard library, so every write lmlab makes meets a closed pipe (EPIPE):
+    without the fix this printed a BrokenPipeError traceback, or Python's
+    "Exception ignored ... BrokenPipeError" at exit.
+    """
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n', encoding="utf-8")
+    argv = [str(tmp_path / "runs") if a == "RUNS" else a for a in argv]
+    process = subprocess.Popen([sys.executable, "-m", "lmlab.cli", *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # the reader is gone
+    err = process.stderr.read()
+    assert process.wait(timeout=60) == 141, err
+    assert err == "", err

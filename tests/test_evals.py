@@ -175,7 +175,8 @@ def test_copy_probe_of_a_perfect_induction_head(val_stream):
     for kind, least in (("random", 0.9), ("meaningful", 0.6)):
         short, fits, beyond = result[kind]
         assert short["in_context"] and fits["in_context"] and not beyond["in_context"]
-        assert short["per_position"][0] <= 0.25  # after the separator nothing says where the copy starts
+        # the separator (end-of-text) also opens the probe, so the head finds where the copy starts
+        assert short["per_position"][0] > 0.9
         assert np.mean(short["per_position"][1:]) > least and np.mean(fits["per_position"][1:]) > least
         assert beyond["accuracy"] < 0.15  # the first half left the 64-token window
     assert result["random"][0]["first_accuracy"] < 0.1  # random tokens: nothing to predict from the first time
@@ -227,6 +228,48 @@ def test_random_probe_tokens_come_from_the_training_data_by_default(val_stream):
     assert np.mean(kinds["seen"]["random"][0]["per_position"][1:]) > 0.9
     assert np.mean(kinds["frequency"]["random"][0]["per_position"][1:]) > 0.5  # frequent tokens repeat within a span
     assert kinds["vocab"]["random"][0]["accuracy"] < 0.6
+
+
+class _RecordingInduction(InductionModel):
+    """An induction head that keeps every batch it reads."""
+
+    def __init__(self, vocab_size, context_length):
+        super().__init__(vocab_size, context_length)
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.extend(x.tolist())
+        return super().forward(x)
+
+
+def test_random_probe_sequences_never_hold_the_separator(val_stream):
+    # the copy corpus's `|` is one of its 70 tokens: drawn into the first half, it marks a second
+    # place where the copy would start, a sequence no training document shows
+    tokenizer, stream = val_stream
+    sep_id, = tokenizer.encode(".")
+    pool = [sep_id] + [i for i in range(tokenizer.vocab_size) if token_byte_lengths(tokenizer)[i] > 0][:9]
+    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    counts[pool] = 1
+    for mode in ("seen", "frequency"):
+        model = _RecordingInduction(tokenizer.vocab_size, 64)
+        result = probes.copy_probe(model, tokenizer, stream, lengths=[8], samples=16, separator=".",
+                                   random_tokens=mode, counts=counts)
+        assert result["random_pool"] == len(set(pool)) - 1
+        random_rows = model.inputs[:16]  # random sequences are scored first, one 18-token window each
+        assert all(row[:18].count(sep_id) == 1 and row[9] == sep_id for row in random_rows)
+
+
+def test_a_probe_starts_as_a_training_document_after_an_end_of_text(val_stream):
+    # training puts an end-of-text before every document; a probe that opens the window cold
+    # is a sequence the model never saw (a copy-corpus model: 0.41 at length 4 cold, 0.94 after it)
+    tokenizer, stream = val_stream
+    model = _RecordingInduction(tokenizer.vocab_size, 64)
+    result = probes.copy_probe(model, tokenizer, stream, lengths=[8, 31], samples=4, separator="|", shots=1,
+                               counts=np.bincount(stream))
+    fitting = model.inputs[:4]  # length 8, one window each (longer probes are read in sliding windows)
+    assert all(row[0] == tokenizer.eot_id and row.count(tokenizer.eot_id) == 1 for row in fitting)
+    assert [row["in_context"] for row in result["random"]] == [True, False]  # 1 + 4 * 31 + 3 separators > 64
+    assert probes.default_lengths(64)[-1] == 128 and 31 in probes.default_lengths(64)
 
 
 def test_history_gain_is_zero_for_a_model_without_memory_and_positive_for_a_trained_one(run, val_stream):

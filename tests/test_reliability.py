@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -328,8 +329,6 @@ sys.exit(main(sys.argv[1:]))
 
 def torchrun(args, timeout=TORCHRUN_TIMEOUT, **env):
     """(exit code, output, seconds) of a 2-process CPU job; the whole process group is killed if it overruns."""
-    import time
-
     started = time.monotonic()
     process = subprocess.Popen([*TORCHRUN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env={**os.environ, "OMP_NUM_THREADS": "1", **env}, start_new_session=True)
@@ -401,15 +400,24 @@ def test_a_rank_stopped_fails_the_job_within_the_collective_timeout_and_resumes_
     args = ddp_overrides(tiny_overrides, f"train.runs_dir={runs_dir}", "train.run_name=stopped",
                          "train.collective_timeout=5")
     code, out, took = torchrun([str(entry), "train", *args], FAULT_SIGNAL="SIGSTOP", FAULT_AT="5")
+    ended = time.time()
     run_dir = runs_dir / "stopped"
-    failed_at = (run_dir / "summary.json").stat().st_mtime - (run_dir / "metrics.jsonl").stat().st_mtime
-    print(f"stopped rank: summary.json {failed_at:.1f}s after the last metrics line; job ended after {took:.1f}s, "
-          f"exit {code}\n{out[-2500:]}")
+    hung_at = (run_dir / "metrics.jsonl").stat().st_mtime  # step 4's last line; rank 1 stops in step 5's forward
+    failed_at, ended_at = (run_dir / "summary.json").stat().st_mtime - hung_at, ended - hung_at
+    print(f"stopped rank: summary.json {failed_at:.1f}s after the last metrics line, torchrun returned after "
+          f"{ended_at:.1f}s; job ended after {took:.1f}s, exit {code}\n{out[-2500:]}")
     assert code != 0
     lines = lmlab_lines(out)
     assert len(lines) == 1 and no_lmlab_traceback(out), out[-3000:]
-    assert ("failed after step 4: another process of the job did not answer within train.collective_timeout=5s "
-            "(hung or stopped); its newest checkpoint is step_000004") in lines[0]
+    assert re.search(r"failed after step 4: another process of the job did not answer within "
+                     r"train.collective_timeout=5s \(hung or stopped\); ended process \d+ on this machine; its "
+                     r"newest checkpoint is step_000004", lines[0]), lines[0]
+    assert re.search(r"rank\s+: 1 .*\n\s+exitcode\s+: -9", out), out[-2500:]  # torchrun's report: rank 1 SIGKILLed
+    # The whole job, torchrun included, ends within the timeout and a few seconds, not 30 s later (torchrun's
+    # fixed grace before SIGKILL, which lmlab no longer waits for: lmlab/training/hung.py). Measured: 6.7-7.7 s
+    # (36-37 s before, with or without `torchrun --shutdown-timeout 2`, which torch 2.13 ignores on this path).
+    # A bound on a timeout-driven shutdown, not on computation; 15 s of slack for a loaded 2-core machine.
+    assert ended_at < 5 + 15, f"torchrun returned {ended_at:.1f}s after rank 1 stopped"
     s = summary(run_dir)
     assert s["status"] == "failed" and s["steps"] == 4 and "collective_timeout" in s["reason"]
     assert not leftovers(run_dir)
@@ -422,6 +430,80 @@ def test_a_rank_stopped_fails_the_job_within_the_collective_timeout_and_resumes_
 
     got, want = load_file(str(resumed / "model.safetensors")), load_file(str(reference / "model.safetensors"))
     assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
+
+
+ENDER = """
+import json, os, sys
+from lmlab.training.hung import end_local_peers
+print(json.dumps(end_local_peers(json.loads(sys.argv[1]))))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_a_rank_that_timed_out_ends_only_its_sibling_processes(tmp_path):
+    """The pids end_local_peers gets: a hung sibling (stopped), itself, its parent, and a process of another parent.
+
+    Only the sibling is SIGKILLed: the others are not children of the same parent (the torchrun agent in a job).
+    """
+    import signal
+
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    parent_of_another = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+                         "'import time; time.sleep(120)']); print(p.pid, flush=True); time.sleep(120)")
+    stranger = subprocess.Popen([sys.executable, "-c", parent_of_another], stdout=subprocess.PIPE, text=True)
+    grandchild = int(stranger.stdout.readline())
+    try:
+        os.kill(sibling.pid, signal.SIGSTOP)  # a stopped rank: SIGTERM would not end it, SIGKILL does
+        pids = [os.getpid(), sibling.pid, grandchild, 1]
+        out = subprocess.run([sys.executable, "-c", ENDER, json.dumps(pids)], capture_output=True, text=True,
+                             check=True)
+        ender_ended = json.loads(out.stdout)
+        assert ender_ended == [sibling.pid]
+        assert sibling.wait(timeout=30) == -signal.SIGKILL
+        assert stranger.poll() is None and os.path.exists(f"/proc/{grandchild}")  # untouched
+    finally:
+        for process in (sibling, stranger):
+            process.kill()
+            process.wait()
+        with contextlib.suppress(OSError):
+            os.kill(grandchild, signal.SIGKILL)
+
+
+def test_torchruns_shutdown_grace_is_read_as_torchrun_resolves_it():
+    """The flag on torchrun's command line (the workers' parent), then PET_SHUTDOWN_TIMEOUT, then
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT, then 30 s (torch/distributed/run.py and launcher/api.py)."""
+    from lmlab.training.launcher import shutdown_timeout
+
+    torchrun_args = ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    both = {"PET_SHUTDOWN_TIMEOUT": "50", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}
+    assert shutdown_timeout(both, [*torchrun_args, "--shutdown-timeout", "90", "-m", "lmlab", "train"]) == (
+        90, "--shutdown-timeout 90")
+    assert shutdown_timeout(both, [*torchrun_args, "--shutdown_timeout=80", "-m", "lmlab", "train"])[0] == 80
+    assert shutdown_timeout(both, [*torchrun_args, "-m", "lmlab", "train"]) == (50, "PET_SHUTDOWN_TIMEOUT=50")
+    assert shutdown_timeout({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}, torchrun_args)[0] == 60
+    assert shutdown_timeout({}, []) == (30, "torchrun's default --shutdown-timeout")
+
+
+@pytest.mark.parametrize(("environ", "warned"), [
+    ({"TORCHELASTIC_RUN_ID": "t", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0"}, True),  # no grace: any checkpoint is slower
+    ({"TORCHELASTIC_RUN_ID": "t", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "100000"}, False),
+    ({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0"}, False),  # not under torchrun: no SIGTERM grace to fit in
+])
+def test_a_checkpoint_slower_than_half_torchruns_grace_is_warned_once(tiny_overrides, monkeypatch, environ, warned):
+    for name in ("TORCHELASTIC_RUN_ID", "PET_SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    lines = []
+    train(load_config(None, overrides(tiny_overrides, f"train.run_name=grace-{warned}")),
+          log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    warnings = [line for line in lines if "torchrun leaves lmlab" in line]
+    assert len(warnings) == warned, warnings  # four checkpoints written, one warning at most
+    if warned:
+        assert re.fullmatch(r"warning: writing checkpoint step_000002 took [\d.]+ s; on SIGTERM \(a preemption\) "
+                            r"torchrun leaves lmlab 0 s \(TORCH_ELASTIC_SHUTDOWN_TIMEOUT=0\) to finish the step and "
+                            r"write one before it kills the processes: start torchrun with --shutdown-timeout \d+ or "
+                            r"more", warnings[0]), warnings[0]
 
 
 # ---------------------------------------------------------------- any other error

@@ -32,13 +32,44 @@ def test_segments_cover_every_token_once_and_memory_changes_only_later_segments(
     documents = [("f", "abcdefghij" * 7), ("f", "the same text again " * 3)]
     on = segments.segment_perplexity(model(16), _Tok(), documents, memory=True)
     off = segments.segment_perplexity(model(16), _Tok(), documents, memory=False)
-    tokens = sum(len(t.encode()) + 1 for _, t in documents)  # every token and the closing eot, as targets
+    tokens = sum(len(t.encode()) for _, t in documents)  # every token after the first and the closing eot
     assert on["overall"]["tokens"] == off["overall"]["tokens"] == tokens
     assert sum(r["tokens"] for r in on["by_segment"]) == sum(r["tokens"] for r in on["by_position"]) == tokens
     assert on["memory"] and not off["memory"]
     assert on["by_segment"][0]["loss"] == pytest.approx(off["by_segment"][0]["loss"], abs=1e-4)  # nothing to recall yet
     assert on["by_segment"][1]["loss"] != pytest.approx(off["by_segment"][1]["loss"], abs=1e-4)
     assert "position in segment" in segments.segments_table(on)
+
+
+class _Recorder(torch.nn.Module):
+    """Records the segments it is given (and whether with a memory); predicts uniformly."""
+
+    def __init__(self, memory, context):
+        super().__init__()
+        self.config = ModelConfig(vocab_size=258, context_length=context, memory=memory)
+        self.inputs = []
+
+    def new_memory(self, batch_size, device=None):
+        return object()
+
+    def forward(self, x, memory=None):
+        self.inputs.append((x.clone(), memory is not None))
+        return torch.zeros(*x.shape, 258)
+
+
+def test_segments_are_read_as_stream_training_reads_a_document():
+    """'document <eot>' in consecutive segments with the memory carried: no end-of-text token as an input.
+
+    Stream training never feeds one (it is only a document's last target), so a leading one would
+    start each document with an input the model has not trained on.
+    """
+    text = "abcdefghij" * 5  # 50 tokens, + eot: targets 2..51 in segments of 16
+    recorder = _Recorder(memory=16, context=16)
+    result = segments.segment_perplexity(recorder, _Tok(), [("f", text)], memory=True)
+    ids = [b + 2 for b in text.encode()]
+    fed = torch.cat([x[0] for x, _ in recorder.inputs]).tolist()
+    assert fed == ids and all(with_memory for _, with_memory in recorder.inputs)
+    assert [r["tokens"] for r in result["by_segment"]] == [16, 16, 16, 2] and result["overall"]["tokens"] == 50
 
 
 class _Copier(torch.nn.Module):
@@ -78,6 +109,20 @@ def test_distance_probe_finds_the_source_in_memory_and_only_there():
     assert [r["within_memory"] for r in on["distances"]] == [True, True, True, False]
 
 
+def test_distance_probe_draws_random_tokens_from_the_pool_it_is_given():
+    """--random-tokens seen|frequency|vocab: the pool of lmlab.evals.probes.random_pool, as the copy probe uses."""
+    recorder = _Recorder(memory=16, context=16)
+    pool = np.array([40, 41, 42, 43]), None
+    result = segments.distance_copy_probe(recorder, _Tok(), [8, 24], length=4, samples=3, pool=pool,
+                                          random_tokens="seen")
+    fed = torch.cat([x.flatten() for x, _ in recorder.inputs])
+    assert set(fed.tolist()) <= {40, 41, 42, 43}
+    assert (result["random_tokens"], result["random_pool"], result["chance"]) == ("seen", 4, 0.25)
+    weighted = segments.distance_copy_probe(recorder, _Tok(), [8], length=4, samples=2,
+                                            pool=(np.array([50, 51]), np.array([0.75, 0.25])), random_tokens="frequency")
+    assert weighted["chance"] == 0.75 and "frequency (2 ids)" in segments.distance_table(weighted)
+
+
 def test_distance_needs_the_copy_probe():
     with pytest.raises(LmlabError, match="--distance needs --probe copy"):
         EvalOptions(text=("x",), distance=(8,)).check()
@@ -97,6 +142,7 @@ def test_lmlab_eval_on_a_memory_run(tiny_overrides, tmp_path, small_corpus):
     assert name == "segments-valid" and other == "segments-valid-no-memory"
     assert a["overall"]["tokens"] == b["overall"]["tokens"] and a["overall"]["loss"] != b["overall"]["loss"]
     assert json.loads((run / "evals" / "segments-valid.json").read_text())["by_segment"]
+    assert (run / "evals" / "segments-valid.png").is_file() and (run / "evals" / "segments-valid-no-memory.png").is_file()
     val = run_evals(run, val=True, log=lambda *_: None)["val"]["overall"]["loss"]
     final = json.loads((run / "summary.json").read_text())
     from ckpt_support import series
@@ -104,6 +150,8 @@ def test_lmlab_eval_on_a_memory_run(tiny_overrides, tmp_path, small_corpus):
     assert final["status"] == "completed"
     probe = run_evals(run, probe=("copy",), distance=(8, 40), samples=2, log=lambda *_: None)["copy-distance"]
     assert [r["distance"] for r in probe["distances"]] == [8, 40] and np.isfinite(probe["distances"][0]["meaningful"])
+    assert probe["random_tokens"] == "seen" and probe["random_pool"] < 512 - 1  # tokens the run trained on
+    assert (run / "evals" / "copy-distance.png").is_file()
 
 
 def test_a_memory_run_exports_with_a_note_and_the_same_weights(tiny_overrides, tmp_path):

@@ -80,3 +80,30 @@ def test_bad_speedrun_flags_are_one_line(capsys):
     assert capsys.readouterr().err.strip().startswith("lmlab: error: unknown speedrun recipe 'quick'")
     assert main(["bench", "speedrun", "--seeds", "0"]) == 2
     assert "--seeds must be >= 1" in capsys.readouterr().err
+
+
+def test_a_time_cap_stops_the_other_recipes_and_reports_their_best(tiny_overrides, tmp_path):
+    """--max-time-factor: the quick start runs whole; the others stop at the cap, schedule unchanged."""
+    logged = []
+    section, _, runs = speedrun(tmp_path / "capped", recipes=("cpu-quickstart", "cpu-speedrun"), seeds=1,
+                                target=0.5, eval_every=2, overrides=shared(tiny_overrides), log=logged.append,
+                                max_time_factor=1e-6)  # a cap of ~1 ms: one step, then the time rule fires
+    quick, fast = runs
+    assert quick["status"] == "completed" and quick["total_tokens"] == 8 * 8 * 64
+    config = (Path(fast["run_dir"]) / "config.toml").read_text()
+    assert "max_time = 0.001" in config and 'progress = "steps"' in config and "max_steps = 8" in config
+    assert fast["status"] == "time_budget" and not fast["reached"]
+    assert fast["total_tokens"] == 8 * 64  # stopped after its first step; evaluated there (the final evaluation)
+    assert fast["best_val_loss"] == min(v for _, _, v in fast["curve"])
+    rows = {row["recipe"]: row for row in section.rows}
+    assert rows["cpu-speedrun"]["missed"] == f"seed 1337: best {fast['best_val_loss']:.4f} at {fast['best_s']:.0f} s"
+    assert "ratio" not in rows["cpu-speedrun"] and "capped at 0s" in logged[2]
+    assert "target not reached (time_budget): best" in logged[3]
+    saved = json.loads((tmp_path / "capped" / "runs-so-far.json").read_text())  # written after each run
+    assert [r["recipe"] for r in saved] == ["cpu-quickstart", "cpu-speedrun"] and saved[1]["status"] == "time_budget"
+
+
+def test_the_time_cap_needs_the_quick_start_first(capsys):
+    assert main(["bench", "speedrun", "--recipes", "cpu-speedrun,cpu-quickstart", "--max-time-factor", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmlab: error: --max-time-factor") and "\n" not in err

@@ -120,3 +120,16 @@ def test_bundled_books_corpus_reads_as_chapters_and_matches_its_record():
     assert first.startswith("Frankenstein;") and "Letter 1" in first
     config = load_config("cpu-books-memory")
     assert (config.data.corpus, config.data.packing, config.model.memory) == ("books", "stream", 128)
+
+
+def test_bundled_books_text_has_no_mojibake():
+    """War and Peace came with UTF-8 read as Windows-1252 ("NatÃ¡sha"); SOURCES.md records the repair."""
+    import lzma
+
+    from lmlab.data.corpora import bundled_corpus
+
+    for path in bundled_corpus("books")[0] + bundled_corpus("books")[1]:
+        text = lzma.decompress(path.read_bytes()).decode("utf-8")
+        for sequence in ("Ã", "Â", "â€", "Å“", "Ã©", "\x81", "\x8d", "\x9d"):
+            assert sequence not in text, (path.name, sequence)
+    assert "Natásha" in lzma.decompress(bundled_corpus("books")[0][0].read_bytes()).decode("utf-8")

@@ -9,6 +9,8 @@ Design choices:
 - Each run is a real `lmlab.train` with train.target_val_loss, so it stops
   at the first evaluation at or below the target. Every recipe evaluates every
   `eval_every` steps (the same for all), so time to target is resolved alike.
+- Each finished run is added to runs-so-far.json at once, so a race cut
+  short (a deadline, a kill) still leaves every finished run's curve.
 - Turns are interleaved: seed 1 runs A, B, C, seed 2 runs B, C, A, ... so a
   slow spell of a shared machine does not fall on one recipe only.
 - Time is the run's training time (`elapsed_s`: the steps only, evaluation
@@ -18,6 +20,12 @@ Design choices:
 - The ratio compares with the quick start's time to target, or with its whole
   training time when it ends above the target (the issue's "the quick start's
   training time").
+- A cap keeps the race finishable: with max_time_factor F, every other recipe
+  stops after F x the quick start's training time in the first turn
+  (train.max_time). The cap stops a run but leaves its schedule alone
+  (optim.progress=steps: the learning rate still follows the step budget), so
+  a capped run is the same recipe cut short, reported "not reached" with its
+  best validation loss and when it got there.
 """
 
 import json
@@ -46,16 +54,24 @@ def parse_recipes(text):
 
 
 def speedrun(out_dir, recipes=tuple(RECIPES), seeds=2, target=DEFAULT_TARGET, eval_every=50, overrides=(),
-             log=print):
-    """Race `recipes` to `target` over `seeds` seeds in interleaved turns; returns (Section, figure path, runs)."""
-    from lmlab import load_config, train
+             log=print, max_time_factor=0.0):
+    """Race `recipes` to `target` over `seeds` seeds in interleaved turns; returns (Section, figure path, runs).
+
+    max_time_factor > 0 caps every recipe but the quick start at that multiple of the quick start's
+    training time in the first turn (the quick start must then be the first recipe).
+    """
+    from lmlab import atomic, load_config, train
 
     if seeds < 1:
         raise LmlabError(f"--seeds must be >= 1, got {seeds}")
     if not target > 0:
         raise LmlabError(f"--target must be a positive validation loss, got {target}")
+    if max_time_factor < 0 or (max_time_factor and recipes[0] != "cpu-quickstart"):
+        raise LmlabError(f"--max-time-factor must be >= 0 and needs cpu-quickstart as the first recipe "
+                         f"(its training time is the unit), got {max_time_factor:g} with {','.join(recipes)}")
     out_dir = Path(out_dir)
     runs = []
+    cap_s = None
     for turn in range(seeds):
         order = recipes[turn % len(recipes):] + recipes[:turn % len(recipes)]
         for name in order:
@@ -64,13 +80,25 @@ def speedrun(out_dir, recipes=tuple(RECIPES), seeds=2, target=DEFAULT_TARGET, ev
             run_name = f"{name}-seed{seed}"
             config = load_config(preset, [*extra, f"train.seed={seed}", f"train.target_val_loss={target}",
                                           f"train.eval_every={eval_every}", f"train.runs_dir={out_dir / 'runs'}",
-                                          f"train.run_name={run_name}", "train.sample_tokens=0", *overrides])
-            log(f"speedrun: {run_name} (turn {turn + 1}/{seeds})")
+                                          f"train.run_name={run_name}", "train.sample_tokens=0", *overrides,
+                                          *_cap(name, cap_s)])
+            log(f"speedrun: {run_name} (turn {turn + 1}/{seeds})" + (f", capped at {cap_s:.0f}s" if
+                                                                      _cap(name, cap_s) else ""))
             run_dir = train(config, log=lambda *a, **k: None)
             runs.append(read_run(name, seed, run_dir))
             log(f"speedrun: {run_name}: " + _one_line(runs[-1]))
+            atomic.write_text(out_dir / "runs-so-far.json", json.dumps(runs, indent=1) + "\n")  # a cut race keeps these
+            if max_time_factor and cap_s is None:  # the first run is the quick start's: the unit of the cap
+                cap_s = max_time_factor * runs[-1]["total_s"]
     figure = plot(runs, target, out_dir / "speedrun.png")
     return table(runs, recipes, target), figure, runs
+
+
+def _cap(name, cap_s):
+    """Overrides that stop a recipe after cap_s seconds of training without changing its schedule."""
+    if cap_s is None or name == "cpu-quickstart":
+        return []
+    return [f"train.max_time={max(cap_s, 0.001):.3f}", "optim.progress=steps"]  # 0 would mean no limit
 
 
 def read_run(recipe, seed, run_dir):
@@ -82,16 +110,25 @@ def read_run(recipe, seed, run_dir):
         if "val_loss" in event:
             curve.append((event["elapsed_s"], event["tokens"], event["val_loss"]))
     hit = summary.get("target") or {}
-    return {"recipe": recipe, "seed": seed, "run_dir": str(run_dir), "curve": curve,
+    best = min(curve, key=lambda point: point[2]) if curve else (None, None, None)
+    return {"recipe": recipe, "seed": seed, "run_dir": str(run_dir), "curve": curve, "status": summary.get("status"),
             "reached": bool(hit.get("reached")), "seconds": hit.get("elapsed_s"), "tokens": hit.get("tokens"),
             "final_val_loss": summary.get("final_val_loss"), "total_s": curve[-1][0] if curve else None,
-            "total_tokens": curve[-1][1] if curve else None}
+            "total_tokens": curve[-1][1] if curve else None,
+            "best_val_loss": best[2], "best_s": best[0], "best_tokens": best[1]}
 
 
 def _one_line(run):
     if run["reached"]:
         return f"target reached after {run['seconds']:.0f}s of training, {run['tokens']:,} tokens"
-    return f"target not reached: final val {run['final_val_loss']:.4f} after {run['total_s']:.0f}s"
+    return f"target not reached ({run['status']}): " + _best(run) + f", run ended at {run['total_s']:.0f}s"
+
+
+def _best(run):
+    """'best 2.5012 at 640 s' for a run that missed the target: its time to target is more than its run."""
+    if run.get("best_val_loss") is None:
+        return "no evaluation"
+    return f"best {run['best_val_loss']:.4f} at {run['best_s']:.0f} s"
 
 
 def table(runs, recipes, target):
@@ -108,6 +145,8 @@ def table(runs, recipes, target):
             row.update(s_min=min(seconds), s_med=statistics.median(seconds), s_max=max(seconds),
                        tok_med=statistics.median(tokens), tok_min=min(tokens), tok_max=max(tokens))
         row["budget_s"] = statistics.median(r["total_s"] for r in mine)
+        missed = [r for r in mine if not r["reached"]]
+        row["missed"] = "; ".join(f"seed {r['seed']}: {_best(r)}" for r in missed) if missed else "-"
         rows.append(row)
     base = next((r for r in rows if r["recipe"] == "cpu-quickstart"), None)
     if base is not None:
@@ -120,10 +159,13 @@ def table(runs, recipes, target):
               "it (steps only, evaluations excluded), min / median / max over the seeds that reached it"),
              ("ratio: median time to target / the quick start's (its whole training time when it ends above the "
               "target); 'reached' counts seeds"),
-             "turns interleaved (seed 1: A B C, seed 2: B C A, ...) so the machine's noise falls on all recipes"]
+             "turns interleaved (seed 1: A B C, seed 2: B C A, ...) so the machine's noise falls on all recipes",
+             ("not reached: the seed's best validation loss and the training time it was measured at; its time to "
+              "target is more than its run time")]
     columns = [("recipe", "recipe"), ("reached", "reached"), ("s_min", "s min"), ("s_med", "s median"),
                ("s_max", "s max"), ("tok_min", "tokens min"), ("tok_med", "tokens median"), ("tok_max", "tokens max"),
-               ("final", "final val (median)"), ("budget_s", "run time s (median)"), ("ratio", "time / quick start")]
+               ("final", "final val (median)"), ("budget_s", "run time s (median)"), ("ratio", "time / quick start"),
+               ("missed", "not reached (best at s)")]
     return Section(f"Speedrun: time to validation loss {target:g}", rows, columns, notes)
 
 

@@ -18,7 +18,8 @@ Design choices:
   uniform 1..64 stayed flat; experiments/induction/RESULT.md), and long ones
   up to about one 128-token window at vocabulary 300 (~1.1 letters per
   token), so the copy is trained at every distance the probe asks about.
-  No setting tried so far has formed a copying mechanism on it.
+  A 2-layer d_model-128 model at batch 32, constant lr 3e-3, forms a copying
+  mechanism on it near step 1,500 (experiments/induction); batch 8 did not.
 - Letters without spaces: the byte-level pre-tokenizer splits at `|`, so both
   halves are tokenized identically and the copy is exact in tokens too.
 """

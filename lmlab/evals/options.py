@@ -51,7 +51,7 @@ class EvalOptions:
     lengths: tuple | None = _flag(None, "probe sequence lengths (default 4 .. twice the context)",
                                   type=int_list, metavar="N,N,...")
     samples: int = _flag(32, "probe sequences per length (history: twice as many)")
-    random_tokens: str = _flag("seen", "tokens of random probe sequences: seen in the training shards (default), "
+    random_tokens: str = _flag("seen", "tokens of random probe sequences (also --distance): seen in the training shards (default), "
                                        "drawn by their training frequency, or the whole vocabulary",
                                choices=RANDOM_TOKENS)
     distance: tuple | None = _flag(None, "copy probe: the source lies D tokens before its copy, which starts a "

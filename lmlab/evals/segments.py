@@ -5,12 +5,16 @@
     lmlab eval RUN --probe copy --distance 32,64    # copy a sequence whose source lies D tokens back
 
 Design choices:
-- A document is scored as training reads it: "<|endoftext|> document
-  <|endoftext|>" cut into consecutive segments of context_length tokens, in
-  order, one row per document. With memory (model.memory, lmlab.model.memory)
+- A document is scored as stream training reads it: "document <|endoftext|>"
+  cut into consecutive segments of context_length tokens, in order, one row
+  per document. Stream (and document) packing never feeds an end-of-text
+  token as an input, only as the last target, so a leading one (as plain
+  perplexity reads) would start every document with an input the model never
+  trained on: its untrained embedding spoiled the first segment and, through
+  the memory, the second. The first token is therefore context, not a target. With memory (model.memory, lmlab.model.memory)
   each segment also sees the row's previous M tokens; without, it sees only
-  itself. Every token is a target exactly once either way, so the two losses
-  compare token for token.
+  itself. Every token after the first is a target exactly once either way,
+  so the two losses compare token for token.
 - Loss by segment index shows whether later segments profit from what came
   before; loss by position within the segment shows where: without memory the
   first tokens of a segment have no context, with memory they have M tokens.
@@ -68,7 +72,7 @@ def segment_perplexity(model, tokenizer, documents, memory=True, device="cpu", p
     by_segment, by_position = {}, np.zeros((BUCKETS, 2))
     total = [0.0, 0]
     for ids in tokenizer.encode_batch([text for _, text in documents]):
-        row = np.array([eot] + ids + [eot], dtype=np.int64)[None]
+        row = np.array(ids + [eot], dtype=np.int64)[None]  # as stream training reads a document
         logprobs, _ = _run_segments(model, row, use_memory, device, precision)
         nats = -logprobs[0]
         for index, begin in enumerate(range(0, len(nats), T)):
@@ -92,19 +96,23 @@ def segment_perplexity(model, tokenizer, documents, memory=True, device="cpu", p
 
 
 def distance_copy_probe(model, tokenizer, distances, length=8, samples=32, seed=0, memory=True, stream=None,
-                        device="cpu", precision="fp32"):
+                        pool=None, random_tokens="vocab", device="cpu", precision="fp32"):
     """Copy accuracy when the source lies D tokens before its repetition, the repetition starting a segment.
 
     Accuracy counts the repetition's tokens after its first (the first cannot be known), argmax == source.
-    `random`: source and filler are uniform random tokens, chance 1 / vocabulary. `meaningful` (when a
+    `random`: source and filler are random tokens drawn from `pool`, the (token ids, probabilities or
+    None) of lmlab.evals.probes.random_pool for `random_tokens` (seen / frequency / vocab, as the copy
+    probe draws them); None: every non-special token, uniformly. `meaningful` (when a
     token `stream` of real text is given): a window of real text whose span D tokens before the
     repetition is repeated; `first_accuracy` is the accuracy on that span where it first occurs, what
     the model gets from the text alone, without a copy.
     """
     T = model.config.context_length
     use_memory = bool(memory and getattr(model.config, "memory", 0))
-    specials = {tokenizer.eot_id, getattr(tokenizer, "pad_id", None)}
-    allowed = np.array([i for i in range(tokenizer.vocab_size) if i not in specials], dtype=np.int64)
+    if pool is None:
+        specials = {tokenizer.eot_id, getattr(tokenizer, "pad_id", None)}
+        pool = np.array([i for i in range(tokenizer.vocab_size) if i not in specials], dtype=np.int64), None
+    allowed, p = np.asarray(pool[0], dtype=np.int64), pool[1]
     rows = []
     for distance in distances:
         if distance < length:
@@ -113,7 +121,7 @@ def distance_copy_probe(model, tokenizer, distances, length=8, samples=32, seed=
         source = slice(copy_at - distance, copy_at - distance + length)
         row = {"distance": distance, "within_memory": use_memory and distance <= model.config.memory}
         rng = np.random.default_rng([seed, distance])
-        kinds = {"random": allowed[rng.integers(0, len(allowed), size=(samples, copy_at + length))]}
+        kinds = {"random": rng.choice(allowed, size=(samples, copy_at + length), p=p)}
         if stream is not None and len(stream) > copy_at + length:
             starts = rng.integers(0, len(stream) - copy_at - length, size=samples)
             kinds["meaningful"] = np.stack([stream[s:s + copy_at + length] for s in starts])
@@ -126,7 +134,8 @@ def distance_copy_probe(model, tokenizer, distances, length=8, samples=32, seed=
         rows.append(row)
     return {"kind": "distance-copy", "memory": use_memory, "model_memory": getattr(model.config, "memory", 0),
             "context_length": T, "length": length, "samples": samples, "seed": seed,
-            "chance": 1 / len(allowed), "distances": rows}
+            "random_tokens": random_tokens, "random_pool": len(allowed),
+            "chance": 1 / len(allowed) if p is None else float(np.max(p)), "distances": rows}
 
 
 def segments_table(result):
@@ -141,8 +150,63 @@ def segments_table(result):
 
 def distance_table(result):
     head = (f"memory {'on' if result['memory'] else 'off'} (model.memory={result['model_memory']}), copy of "
-            f"{result['length']} tokens, {result['samples']} samples, random chance {result['chance']:.4f}")
+            f"{result['length']} tokens, {result['samples']} samples, random tokens "
+            f"{result['random_tokens']} ({result['random_pool']} ids), chance {result['chance']:.4f}")
     rows = [[r["distance"], r["random"], r.get("meaningful"), r.get("first_accuracy"),
              "yes" if r["within_memory"] else "no"] for r in result["distances"]]
     return head + "\n" + table(["distance", "random", "meaningful", "meaningful, no copy", "source within memory"],
                                 rows)
+
+
+def plot_segments(result, path, title=""):
+    """Loss against segment index (left) and against position within the segment (right), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    rows = result["by_segment"]
+    left.plot([r["segment"] for r in rows], [r["loss"] for r in rows], "o-", ms=3)
+    left.set_xlabel(f"segment index in the document ({result['context_length']} tokens each)")
+    right.plot(range(len(result["by_position"])), [r["loss"] for r in result["by_position"]], "o-", ms=3)
+    right.set_xticks(range(len(result["by_position"])), [r["positions"] for r in result["by_position"]], fontsize=7)
+    right.set_xlabel("position within the segment")
+    for ax in (left, right):
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+    memory = "on" if result["memory"] else "off"
+    fig.suptitle(title or f"memory {memory}: overall {result['overall']['loss']:.4f}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_distance(result, path, title=""):
+    """Copy accuracy against the distance D back to the source, random tokens and real text, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["distances"]
+    d = [r["distance"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.plot(d, [r["random"] for r in rows], "o-", color="tab:red", label=f"random ({result['random_tokens']})")
+    if all("meaningful" in r for r in rows):
+        ax.plot(d, [r["meaningful"] for r in rows], "o-", color="tab:blue", label="real text: repeated span")
+        ax.plot(d, [r["first_accuracy"] for r in rows], ":", color="tab:blue", label="real text: no copy")
+    ax.axhline(result["chance"], color="gray", ls=":", lw=1, label="random chance")
+    ax.axvline(result["context_length"], color="black", ls="--", lw=1, label="segment length")
+    if result["memory"]:
+        ax.axvline(result["model_memory"], color="tab:green", ls="--", lw=1, label="memory M")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("distance D from the source to its copy (tokens)")
+    ax.set_ylabel("teacher-forced greedy accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"copy of {result['length']} tokens, memory {'on' if result['memory'] else 'off'}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -142,7 +142,7 @@ def _evaluations(target, o, log, **common):
         result = segments.segment_perplexity(model, tokenizer, perplexity.read_documents(o.text, o.text_key, o.limit),
                                              memory=not o.no_memory, **common)
         name = "segments-" + choice.base_name(o.text[0]) + ("" if result["memory"] else "-no-memory")
-        yield name, result, segments.segments_table(result), False
+        yield name, result, segments.segments_table(result), True
     elif o.text:
         result = perplexity.text_perplexity(model, tokenizer, o.text, text_key=o.text_key, stride=o.stride,
                                             limit=o.limit, **common)
@@ -162,9 +162,11 @@ def _evaluations(target, o, log, **common):
             if name == "copy" and o.distance:
                 result = segments.distance_copy_probe(model, tokenizer, o.distance, length=(o.lengths or (8,))[0],
                                                       samples=o.limit or o.samples, seed=o.seed,
-                                                      memory=not o.no_memory, stream=stream, **common)
+                                                      memory=not o.no_memory, stream=stream,
+                                                      pool=probes.random_pool(tokenizer, counts, o.random_tokens),
+                                                      random_tokens=o.random_tokens, **common)
                 suffix = "" if result["memory"] else "-no-memory"
-                yield "copy-distance" + suffix, result, segments.distance_table(result), False
+                yield "copy-distance" + suffix, result, segments.distance_table(result), True
                 continue
             result = _probe(name, target, stream, counts, o, **common)
             yield name, result, output.probe_table(result), True
@@ -184,7 +186,8 @@ def _write(target, name, result, table, plot, log):
     log(f"\n{name}\n{table}")
     json_path = output.write_result(target.out_dir, name, result, target.path.resolve(), target.model)
     if plot:
-        draw = repetition.plot_repetition if result.get("kind") == "repetition" else output.plot_probe
+        draw = {"repetition": repetition.plot_repetition, "segments": segments.plot_segments,
+                "distance-copy": segments.plot_distance}.get(result.get("kind"), output.plot_probe)
         draw(result, target.out_dir / f"{name}.png", title=f"{name}: {target.path.name}")
     log(f"-> {json_path}" + (f" and {name}.png" if plot else ""))
 

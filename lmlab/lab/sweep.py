@@ -31,7 +31,10 @@ Design choices:
   its own GPU (CUDA_VISIBLE_DEVICES) when there are several, or with
   cores / N torch threads each on CPU; a worker dies with the sweep (Linux).
 - A trial that diverges or raises is recorded and the sweep goes on; Ctrl-C
-  stops the sweep (the interrupted trial restarts on the next run).
+  stops the sweep (the interrupted trial restarts on the next run). Once the
+  tables are written, trials that failed (an error: a missing package, out of
+  memory; not a divergence, which is a result) make `lmlab sweep` exit 2 with
+  one line naming them and why (`failed_line`).
 - Random search: `--random KEY=loguniform:LO:HI` (or uniform:LO:HI), `--trials N`
   draws per grid point from `--seed`; values are rounded to 3 significant
   digits so names, configs and tables agree. Optuna / Ray Tune / submitit are
@@ -395,6 +398,28 @@ class Sweep:
 def _last_line(path):
     lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     return lines[-1].strip() if lines else "the worker exited without output"
+
+
+def failed_line(out, trials, shown=3):
+    """One line naming the trials that failed (an error, not a divergence) and why; '' when none did.
+
+    Why: an unattended sweep goes on after a failed trial, but its exit status
+    must say that the sweep is not whole (a script or CI checks it), and the
+    user must learn which trials to fix without reading every log.
+    """
+    failed = [t for t in trials if t.record.get("status") == FAILED]
+    if not failed:
+        return ""
+    causes = [f"{t.name} ({_cause(t)})" for t in failed[:shown]]
+    more = f" and {len(failed) - shown} more" if len(failed) > shown else ""
+    return (f"sweep {out}: {len(failed)} of {len(trials)} trials failed: {'; '.join(causes)}{more}; the others' "
+            f"results are in {Path(out) / 'sweep.md'}; once the cause is fixed, the same command runs the failed "
+            "trials again and skips the finished ones")
+
+
+def _cause(trial):
+    error = trial.record.get("error") or f"see {trial.record.get('run_dir', trial.name)}"
+    return error.removeprefix("lmlab: error: ")
 
 
 def run_sweep(config_path=None, overrides=(), grid=(), random_items=(), n_trials=0, seed=0, out=None,

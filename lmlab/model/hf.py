@@ -53,6 +53,15 @@ HF_DEFAULTS = {
 def hf_architecture(model_config):
     """The HF class this model exports as; an LmlabError naming every switch that leaves both families."""
     m = model_config
+    reasons = hf_refusals(m)
+    if reasons:
+        raise LmlabError("this model has no standard Hugging Face class: " + "; ".join(reasons))
+    return ARCHITECTURES["qwen3"] if m.qk_norm else ARCHITECTURES["llama"]
+
+
+def hf_refusals(model_config):
+    """Every switch of the model that neither Llama nor Qwen3 computes, each with its reason ([] when none)."""
+    m = model_config
     reasons = []
     if m.norm != "rmsnorm":
         reasons.append(f"model.norm={m.norm!r} (Llama and Qwen3 use rmsnorm)")
@@ -64,11 +73,11 @@ def hf_architecture(model_config):
         reasons.append(f"model.ffn={m.ffn!r} (Llama and Qwen3 use swiglu)")
     if m.key_norm:
         reasons.append("model.key_norm=true (no standard class normalises only the keys)")
+    if m.logit_softcap:
+        reasons.append(f"model.logit_softcap={m.logit_softcap:g} (Llama and Qwen3 do not cap their logits)")
     if m.qk_norm and m.bias:
         reasons.append("model.bias=true with model.qk_norm=true (Qwen3 has no biases in its MLP)")
-    if reasons:
-        raise LmlabError("this model has no standard Hugging Face class: " + "; ".join(reasons))
-    return ARCHITECTURES["qwen3"] if m.qk_norm else ARCHITECTURES["llama"]
+    return reasons
 
 
 def hf_config(model_config, bos_id, eos_id, pad_id):

@@ -283,11 +283,12 @@ class Transformer(nn.Module):
             kv_cache.pos = end
         if memory is not None:
             memory.memory.commit(T)
+        cap = self.config.logit_softcap
         if targets is None:
-            return self.lm_head(x)
+            return softcap(self.lm_head(x), cap)
         if self.loss_chunk:
-            return chunked_lm_loss(x, self.lm_head.weight, targets, self.loss_chunk)
-        return lm_loss(self.lm_head(x), targets)
+            return chunked_lm_loss(x, self.lm_head.weight, targets, self.loss_chunk, cap)
+        return lm_loss(softcap(self.lm_head(x), cap), targets)
 
     def new_kv_cache(self, batch_size, max_len=None, device=None, dtype=None):
         """An empty KVCache for up to max_len (default and at most context_length) positions."""
@@ -351,6 +352,8 @@ class Transformer(nn.Module):
             switches.append(f"dropout{c.dropout:g}")
         if c.memory:
             switches.append(f"memory{c.memory}")
+        if c.logit_softcap:
+            switches.append(f"softcap{c.logit_softcap:g}")
         switches.append("tied" if c.tie_embeddings else "untied")
         head_dim = f" hd{self.head_dim}" if c.head_dim and c.head_dim * c.n_heads != c.d_model else ""
         return (
@@ -365,7 +368,15 @@ def lm_loss(logits, targets):
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
 
-def chunked_lm_loss(hidden, weight, targets, chunk_rows):
+def softcap(logits, cap):
+    """cap * tanh(logits / cap) (model.logit_softcap; Gemma 2, modded-nanogpt): logits kept inside (-cap, cap).
+
+    Near zero it is the identity, so it bounds only confident logits; 0 = off (the logits unchanged).
+    """
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def chunked_lm_loss(hidden, weight, targets, chunk_rows, cap=0.0):
     """lm_loss(hidden @ weight.T, targets) without ever holding more than chunk_rows rows of logits.
 
     The full logits of a step are large: (B*T, vocab) in fp32 is 1 GiB at
@@ -379,12 +390,12 @@ def chunked_lm_loss(hidden, weight, targets, chunk_rows):
     """
     hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _ChunkedLMLoss.apply(hidden, weight, targets, chunk_rows)
-    loss_sum, count = _chunk_loop(hidden, weight, targets, chunk_rows)
+        return _ChunkedLMLoss.apply(hidden, weight, targets, chunk_rows, cap)
+    loss_sum, count = _chunk_loop(hidden, weight, targets, chunk_rows, cap)
     return loss_sum / count
 
 
-def _chunk_loop(hidden, weight, targets, chunk_rows, grad_hidden=None, grad_weight=None):
+def _chunk_loop(hidden, weight, targets, chunk_rows, cap, grad_hidden=None, grad_weight=None):
     """Summed loss and the number of counted targets; fills the (unnormalised) gradients when given buffers."""
     keep = targets != -100
     safe_targets = targets.clamp(min=0)  # ignored rows gather some logit; `keep` zeroes their loss and gradient
@@ -393,6 +404,9 @@ def _chunk_loop(hidden, weight, targets, chunk_rows, grad_hidden=None, grad_weig
         rows = slice(start, start + chunk_rows)
         h, t, k = hidden[rows], safe_targets[rows, None], keep[rows]
         logits = F.linear(h, weight).float()  # (rows, vocab)
+        if cap:  # softcap; its derivative 1 - tanh^2 scales the gradient below
+            squash = torch.tanh(logits.div_(cap))
+            logits = squash * cap
         lse = torch.logsumexp(logits, dim=-1)
         loss_sum = loss_sum + torch.where(k, lse - logits.gather(1, t).squeeze(1), 0.0).sum()
         if grad_hidden is None and grad_weight is None:
@@ -402,6 +416,8 @@ def _chunk_loop(hidden, weight, targets, chunk_rows, grad_hidden=None, grad_weig
         g = logits.sub_(lse[:, None]).exp_()
         g.scatter_add_(1, t, torch.full_like(t, -1, dtype=g.dtype))
         g.mul_(k[:, None])
+        if cap:
+            g.mul_(1 - squash.square_())
         if grad_hidden is not None:
             grad_hidden[rows] = g @ weight
         if grad_weight is not None:
@@ -413,10 +429,10 @@ class _ChunkedLMLoss(torch.autograd.Function):
     """The loss of `chunked_lm_loss`, whose gradients are computed in forward and only scaled in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows):
+    def forward(ctx, hidden, weight, targets, chunk_rows, cap):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        loss_sum, count = _chunk_loop(hidden, weight, targets, chunk_rows, grad_hidden, grad_weight)
+        loss_sum, count = _chunk_loop(hidden, weight, targets, chunk_rows, cap, grad_hidden, grad_weight)
         if grad_hidden is not None:
             grad_hidden.div_(count)
         if grad_weight is not None:
@@ -428,7 +444,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (None if grad_hidden is None else grad_hidden * grad_loss,
-                None if grad_weight is None else grad_weight * grad_loss, None, None)
+                None if grad_weight is None else grad_weight * grad_loss, None, None, None)
 
 
 def _human(n):

@@ -14,6 +14,8 @@
     checkpoint.py   verified checkpoints (safetensors, sha256, atomic rename)
     resume.py       exact resume: what may change, what may not
     distributed.py  torchrun: DDP, FSDP2, agreed stops
+    hung.py         a collective timed out: end this machine's workers that did not answer
+    launcher.py     torchrun's SIGTERM grace (--shutdown-timeout) against a checkpoint's time
     fastpaths.py    compile, attention back-ends, activation checkpointing, the chunked loss
     perf.py         MFU and peak memory
     norms.py        per-layer weight / gradient / activation norms

@@ -27,7 +27,8 @@ Design choices:
 - Host-side decisions (time budget, stop signals) are agreed every step over a
   CPU (gloo) group, so every rank stops at the same step and none waits forever
   in a collective; `train.collective_timeout` bounds any collective, and torchrun ends
-  the others when one rank exits with an error.
+  the others when one rank exits with an error (a rank that timed out ends the
+  hung ones itself: hung.py).
 - A worker process that started a process group ends with os._exit once the
   command is done (`end_worker`): see its docstring for the abort it avoids.
 """
@@ -42,6 +43,7 @@ import torch.distributed as dist
 
 from lmlab.errors import LmlabError
 from lmlab.model.fused import packed_optimizer_state, unpacked_optimizer_state
+from lmlab.training import hung
 
 _group_started = False  # this process started a process group (a torchrun worker); see end_worker
 
@@ -101,6 +103,7 @@ class Parallel:
         self.timeout_s = timeout_s
         self.is_main = rank == 0
         self.control = None  # gloo group for host-side agreement (CPU tensors work whatever the backend)
+        self.pids = []  # every rank's pid: a rank that times out in a collective ends the hung ones (hung.py)
 
     @classmethod
     def from_launch(cls, config):
@@ -132,6 +135,7 @@ class Parallel:
             timeout = datetime.timedelta(seconds=self.timeout_s)
             dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
             self.control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+            self.pids = hung.gather_pids(self.control)
         return device
 
     def local_accum(self, grad_accum):

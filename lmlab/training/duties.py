@@ -32,7 +32,8 @@ from lmlab.device import autocast
 from lmlab.evals import bpb
 from lmlab.model.memory import inner_model
 from lmlab.rundir.status import DIVERGED, INTERRUPTED
-from lmlab.training import perf
+from lmlab.training import launcher, perf
+from lmlab.training.checkpoint import step_name
 from lmlab.training.distributed import Parallel
 
 
@@ -139,9 +140,16 @@ def checkpoint_at_end(run, state):
 
 
 def save_checkpoint(run, state):
-    """A checkpoint of the run at `state`; a failed write only warns (checkpoint.Checkpointer)."""
+    """A checkpoint of the run at `state`; a failed write only warns (checkpoint.Checkpointer).
+
+    Under torchrun, a checkpoint slower than half torchrun's SIGTERM grace is said once (launcher.py).
+    """
+    started = time.perf_counter()
     run.checkpoints.save(state, run.model, run.optimizer, run.scaler, run.metrics, run.stateful,
                          parallel=run.parallel)
+    warning = launcher.checkpoint_grace_warning(run.run_dir, step_name(state.step), time.perf_counter() - started)
+    if warning:
+        run.log(warning)
 
 
 def evaluate_and_record(run, state):

@@ -21,6 +21,9 @@ Design choices:
 - The summary is written while the stop-signal handlers are still installed:
   torchrun sends SIGTERM to the survivors when a worker dies, and that must
   not kill the process half-way through (it only sets a flag by then).
+- A rank that timed out waiting for a peer ends this machine's unanswering
+  peers with SIGKILL once the summary is written (hung.py: torchrun would
+  do it only 30 s later), and its line names the processes it ended.
 - The newest checkpoint is named from the directory listing: a step_* directory
   is complete by construction (checkpoint.py renames it into place), and
   `--resume` verifies its sha256 before using it.
@@ -36,6 +39,7 @@ from lmlab.errors import LmlabError
 from lmlab.rundir.metrics import write_summary
 from lmlab.rundir.status import FAILED
 from lmlab.training.checkpoint import list_checkpoints
+from lmlab.training.hung import end_local_peers
 
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
@@ -54,6 +58,9 @@ def fail(run, state, error):
     unwritten = _write(run, state, reason, newest, peer and not isinstance(error, RunFailed))
     if not expected:
         raise error
+    if peer and _timed_out(error):  # torchrun would SIGKILL the hung ranks only 30 s later (hung.py)
+        ended = end_local_peers(run.parallel.pids)
+        reason += f"; ended process {', '.join(map(str, ended))} on this machine" if ended else ""
     who = f"rank {run.parallel.rank}: " if run.parallel.active else ""
     where = f"run {run.run_dir} failed after step {state.step}: {reason}; "
     if getattr(error, "next_step", None):  # the fault says itself how to go on (final weights)
@@ -74,12 +81,16 @@ def describe(error, train_config):
         return True, False, f"{error.strerror} ({_target(error.filename) or 'while writing'})"
     text = str(error)
     if _distributed(error):
-        if any(sign in text for sign in TIMEOUT_SIGNS):
+        if _timed_out(error):
             return True, True, (f"another process of the job did not answer within train.collective_timeout="
                                 f"{train_config.collective_timeout:g}s (hung or stopped)")
         cause = next((sign for sign in PEER_SIGNS if sign in text), text.strip().splitlines()[-1][:200])
         return True, True, f"another process of the job stopped ({cause})"
     return False, False, f"{type(error).__name__}: {text}"
+
+
+def _timed_out(error):
+    return any(sign in str(error) for sign in TIMEOUT_SIGNS)
 
 
 def _target(filename):
