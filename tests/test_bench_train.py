@@ -65,6 +65,34 @@ def test_training_step_refuses_to_time_models_whose_first_losses_differ(monkeypa
         bench_train.training_step(shapes=[TINY], log=quiet, **QUICK)
 
 
+def test_gpt2_shapes_are_timed_against_gpt2lmheadmodel_holding_the_same_weights():
+    transformers = pytest.importorskip("transformers")
+    from lmlab.bench.gpt2 import gpt2_model, gpt2_shape, gpt2_state_dict, is_gpt2
+    from lmlab.bench.common import model_config
+    from lmlab.model.transformer import Transformer
+
+    assert [bench_train.shape_name(model_config(s)) for s in bench_train.LADDER if is_gpt2(model_config(s))] == [
+        "d128 4L h4 ctx128 v2048 gpt2", "d256 4L h4 ctx256 v2048 gpt2"]  # the quick start's shape and d_model 256
+    config = model_config(gpt2_shape(TINY))
+    torch.manual_seed(0)
+    ours = Transformer(config).eval()
+    with torch.no_grad():  # norm gains and biases off their init, so that a swapped or dropped one would show
+        for p in ours.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    theirs = gpt2_model(config, gpt2_state_dict(ours.state_dict(), config.n_layers), CPU).eval()
+    assert isinstance(theirs, transformers.GPT2LMHeadModel) and theirs.num_parameters() == ours.num_params()
+    ids = torch.randint(0, config.vocab_size, (2, config.context_length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+
+    (row,) = bench_train.training_step(shapes=[gpt2_shape(TINY)], log=quiet, **QUICK).rows
+    assert row["reference"] == "GPT2LMHeadModel" and row["shape"] == "d64 2L h4 ctx64 v512 gpt2"
+    assert row["loss_rel_diff"] <= 1e-4 and row["speed_ratio"] > 0
+    with pytest.raises(LmlabError, match="GPT-2 switches"):
+        gpt2_model(model_config(dict(TINY, norm="layernorm")), {}, CPU)
+
+
 def test_the_loss_check_allows_fp32_rounding_only():
     assert bench_train.check_same_loss({"lmlab": 6.2400001, "transformers": 6.24}, "fp32") < 1e-6
     for theirs in (6.25, float("nan")):

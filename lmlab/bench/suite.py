@@ -110,9 +110,13 @@ def _text_slice(tmp):
 
 def _same_shape(shape, model_config):
     """Whether a ladder entry is the config's own model (so it is not measured twice)."""
+    from lmlab.bench.common import model_config as shape_config
+    from lmlab.bench.gpt2 import is_gpt2
+
     get = shape.get if isinstance(shape, dict) else lambda key, default=None: getattr(shape, key, default)
     keys = ("d_model", "n_layers", "n_heads", "context_length", "vocab_size")
-    return all(get(k, None) in (None, getattr(model_config, k)) for k in keys)
+    return (all(get(k, None) in (None, getattr(model_config, k)) for k in keys)  # and the ladder's GPT-2 shapes
+            and is_gpt2(shape_config(shape)) == is_gpt2(model_config.resolved(vocab_size=2048)))  # are other models
 
 
 def write_json(path, rows):
