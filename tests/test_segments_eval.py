@@ -143,6 +143,8 @@ def test_lmlab_eval_on_a_memory_run(tiny_overrides, tmp_path, small_corpus):
     assert a["overall"]["tokens"] == b["overall"]["tokens"] and a["overall"]["loss"] != b["overall"]["loss"]
     assert json.loads((run / "evals" / "segments-valid.json").read_text())["by_segment"]
     assert (run / "evals" / "segments-valid.png").is_file() and (run / "evals" / "segments-valid-no-memory.png").is_file()
+    own = run_evals(run, val_text=True, limit=3, log=lambda *_: None)  # the run's own validation text, found for us
+    assert own["segments-valid"]["overall"] == a["overall"]
     val = run_evals(run, val=True, log=lambda *_: None)["val"]["overall"]["loss"]
     final = json.loads((run / "summary.json").read_text())
     from ckpt_support import series

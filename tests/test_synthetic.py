@@ -41,3 +41,17 @@ def test_corpus_copy_is_written_once_and_its_halves_tokenize_alike(tmp_path):
 
     counts = token_counts(shards, "train")
     assert 27 < np.count_nonzero(counts) < tokenizer.vocab_size  # letters, their merges, | and end-of-text only
+
+
+def test_repeat_documents_repeat_one_segment_of_tokens(tmp_path):
+    """data.corpus = "repeat": at vocabulary 258 a document is 6 copies of one 16-token segment."""
+    assert "repeat" in available_corpora()
+    (train,), (valid,) = synthetic.synthetic_corpus("repeat", tmp_path)
+    docs = [text for text, _ in iter_documents(train)]
+    assert len(docs) == 2_000 and len([text for text, _ in iter_documents(valid)]) == 50
+    assert all(len(d) == 96 and d == d[:16] * 6 and d.isalpha() and d.islower() for d in docs)
+    assert len(set(docs)) == len(docs)
+    config = load_config(None, ["data.corpus=repeat", "data.tokenizer_vocab_size=258", f"data.cache_dir={tmp_path}"])
+    tokenizer, _ = ensure_data(config.data, log=lambda *_: None)
+    ids = tokenizer.encode(docs[0])
+    assert len(ids) == 96 and ids == ids[:16] * 6  # one token per letter: segment k+1 is segment k

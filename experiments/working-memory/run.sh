@@ -21,10 +21,10 @@ COPY="data.corpus=copy data.tokenizer_vocab_size=300
     optim.schedule=constant optim.lr=3e-3 optim.warmup_steps=50
     train.batch_size=32 train.max_steps=2500
     train.eval_every=250 train.eval_batches=10 train.evals=copy,history
-    train.checkpoint_minutes=0 train.runs_dir=$OUT train.run_name=copy"
+    train.checkpoint_minutes=0 train.run_name=copy"  # word-split on purpose: keep paths out of it
 
-lmlab train $COPY train.evals_separator="|" train.sample_prompts="abcdefghij|" train.sample_tokens=12
-lmlab bench reference $COPY train.evals_separator="|"  # -> $OUT/copy-reference
+lmlab train $COPY train.runs_dir="$OUT" train.evals_separator="|" train.sample_prompts="abcdefghij|" train.sample_tokens=12
+lmlab bench reference $COPY train.runs_dir="$OUT" train.evals_separator="|"  # -> $OUT/copy-reference
 lmlab train train.eval_every=200 train.evals=copy,history train.runs_dir="$OUT" train.run_name=quickstart
 
 lmlab eval "$OUT/copy" --probe copy history --separator "|"

@@ -62,7 +62,7 @@ def _key(*parts):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _resolve_files(data):
+def resolve_files(data):
     if data.corpus:
         if data.train_files or data.val_files:
             raise LmlabError(f"data.corpus='{data.corpus}' and data.train_files/val_files are both set; "
@@ -104,7 +104,7 @@ def ensure_data(data, log=print):
         tokenizer = Tokenizer.load(data.tokenizer or data.shards, special_tokens=data.special_tokens)
         check_tokenizer(meta, tokenizer)
         return tokenizer, Path(data.shards).expanduser()
-    train_files, val_files = _resolve_files(data)
+    train_files, val_files = resolve_files(data)
     if data.tokenizer:
         tokenizer = Tokenizer.load(data.tokenizer, special_tokens=data.special_tokens)
     else:

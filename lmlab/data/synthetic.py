@@ -1,4 +1,4 @@
-"""Synthetic corpora written on first use: `data.corpus = "copy"`.
+"""Synthetic corpora written on first use: `data.corpus = "copy"` and `"repeat"`.
 
 The copy corpus: every document is a run of random lowercase letters, a `|`,
 then the same letters again (`qhzkd|qhzkd`). Nothing but the first half
@@ -22,6 +22,14 @@ Design choices:
   mechanism on it near step 1,500 (experiments/induction); batch 8 did not.
 - Letters without spaces: the byte-level pre-tokenizer splits at `|`, so both
   halves are tokenized identically and the copy is exact in tokens too.
+
+The repeat corpus: every document is 16 random letters written 6 times over
+(96 letters, no separator). At vocabulary 258 (bytes only) each letter is one
+token, so with `model.context_length = 16` and `data.packing = "stream"`
+segment k+1 of a document is segment k again: only a model that carries
+memory across the segment boundary (`model.memory`) can predict it
+(experiments/memory-copy). Small on purpose (2,000 + 50 documents): it checks
+the memory, it does not train a language model.
 """
 
 import os
@@ -36,7 +44,8 @@ from lmlab.data.documents import EOT
 VERSION = 2  # bump when the recipe below changes: the files live under a versioned name
 COPY = {"seed": 0, "train_documents": 150_000, "val_documents": 2_000, "min_letters": 1, "max_letters": 64}
 LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-SYNTHETIC = ("copy",)
+REPEAT = {"seeds": (0, 1), "documents": (2_000, 50), "letters": 16, "times": 6}
+SYNTHETIC = ("copy", "repeat")
 
 
 def copy_documents(n, rng, min_letters=1, max_letters=64, separator="|"):
@@ -59,6 +68,21 @@ def write_copy_corpus(out_dir, seed=0, train_documents=150_000, val_documents=2_
     return out_dir / "train.txt", out_dir / "valid.txt"
 
 
+def write_repeat_corpus(out_dir, seeds=(0, 1), documents=(2_000, 50), letters=16, times=6):
+    """Write train.txt and valid.txt of documents that are `letters` random letters repeated `times` times."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, seed, n in zip(("train.txt", "valid.txt"), seeds, documents):
+        rng = np.random.default_rng(seed)
+        with open(out_dir / name, "w", encoding="utf-8", newline="\n") as f:
+            for _ in range(n):
+                f.write("".join(rng.choice(LETTERS, size=letters)) * times + f"\n{EOT}\n")
+    return out_dir / "train.txt", out_dir / "valid.txt"
+
+
+WRITERS = {"copy": lambda out: write_copy_corpus(out, **COPY), "repeat": lambda out: write_repeat_corpus(out, **REPEAT)}
+
+
 def synthetic_corpus(name, root):
     """(train_files, val_files) of a synthetic corpus, written under root/corpora/ on first use."""
     entry = Path(root).expanduser() / "corpora" / f"{name}-v{VERSION}"
@@ -68,7 +92,7 @@ def synthetic_corpus(name, root):
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
     try:
-        write_copy_corpus(tmp, **COPY)
+        WRITERS[name](tmp)
         os.rename(tmp, entry)
     except OSError:
         if not (entry / "valid.txt").is_file():  # not just another process winning the race

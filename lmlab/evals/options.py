@@ -40,6 +40,8 @@ class EvalOptions:
     # what to evaluate
     text: tuple = _flag((), "loss, perplexity and bits per byte of text / .jsonl files, per document and overall",
                         nargs="+", metavar="FILE")
+    val_text: bool = _flag(False, "add the run's own validation text to --text (its corpus's valid file or "
+                                  "data.val_files), for a corpus whose files the user does not hold")
     text_key: str = _flag("text", "JSON field holding the text in .jsonl files")
     shards: str | None = _flag(None, "the same on a prepared shards directory (lmlab prepare)", metavar="DIR")
     split: str = _flag("val", "split of --shards to evaluate (default val)")
@@ -89,8 +91,8 @@ class EvalOptions:
 
     def check(self):
         """Refuse, in one line, options that ask for nothing or hold a value out of range."""
-        if not (self.text or self.shards or self.val or self.probe or self.repetition or self.choice):
-            raise LmlabError("nothing to evaluate: give --text FILE, --shards DIR, --val, "
+        if not (self.text or self.val_text or self.shards or self.val or self.probe or self.repetition or self.choice):
+            raise LmlabError("nothing to evaluate: give --text FILE, --val-text, --shards DIR, --val, "
                              "--probe copy|reverse|history, --repetition or --choice FILE|mmlu|cmmlu")
         if self.stride is not None and self.stride <= 0:
             raise LmlabError(f"--stride must be positive, got {self.stride}")

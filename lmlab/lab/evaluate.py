@@ -99,6 +99,18 @@ def _run_data(target, log):
     return shards_dir
 
 
+def _run_val_text(target):
+    """The run's validation text files as paths (a synthetic corpus is written first, as training does)."""
+    from lmlab.data.corpora import resolve_files
+
+    if target.config is None:
+        raise LmlabError(f"{target.path} is a Hugging Face folder, which has no validation text; give --text")
+    _, val_files = resolve_files(target.config.data)
+    if not val_files:
+        raise LmlabError(f"{target.path} was trained without validation files; give --text")
+    return tuple(str(f) for f in val_files)
+
+
 def _probe_stream(target, probe_text, text_key, log):
     if probe_text:
         return probes.text_stream(target.tokenizer, probe_text, text_key=text_key)
@@ -123,6 +135,8 @@ def run_evals(path, options=None, log=print, **changes):
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
     target = load_target(path, device=device, out=options.out)
+    if options.val_text:
+        options = replace(options, text=tuple(options.text) + _run_val_text(target))
     context_length = target.model.config.context_length
     if options.stride is not None and options.stride > context_length:
         raise LmlabError(f"--stride {options.stride} is longer than the model's context ({context_length})")
