@@ -25,7 +25,8 @@ from lmlab.data.corpora import ensure_data
 RECIPES = {"qs32": ("cpu-quickstart", []), "nanogpt32": ("cpu-quickstart", NANOGPT),
            "sr16": ("cpu-speedrun", []), "sr8": ("cpu-speedrun", ["train.batch_size=8"]),
            "sr32": ("cpu-speedrun", ["train.batch_size=32"]),
-           "sr16-relu2": ("cpu-speedrun", ["model.ffn=relu2"]), "sr16-cap": ("cpu-speedrun", ["model.logit_softcap=15"])}
+           "sr16-relu2": ("cpu-speedrun", ["model.ffn=relu2"]), "sr16-cap": ("cpu-speedrun", ["model.logit_softcap=15"]),
+           "sr16-ns3": ("cpu-speedrun", ["optim.muon_ns_steps=3"])}
 
 
 def main(argv):

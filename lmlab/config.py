@@ -88,7 +88,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "tinystories"  # bundled corpus name (tinystories, zh, books, copy: synthetic, written on first use) or "" to use train_files
+    corpus: str = "tinystories"  # bundled corpus name (tinystories, zh, books; copy, repeat: synthetic, written on first use) or "" to use train_files
     train_files: list[str] = field(default_factory=list)  # text / .jsonl files (.gz/.xz ok) used when corpus = ""
     val_files: list[str] = field(default_factory=list)  # validation files; empty = hold out val_fraction of documents
     val_fraction: float = 0.05  # share of documents held out when there are no val_files

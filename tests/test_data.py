@@ -318,7 +318,7 @@ def test_bundled_corpora():
                 counts[name, split] = sum(line == EOT_LINE for line in f)
     assert counts == {("tinystories", "train"): 8927, ("tinystories", "val"): 3762,
                       ("zh", "train"): 437, ("zh", "val"): 23}
-    with pytest.raises(LmlabError, match="available: books, copy, tinystories, zh"):
+    with pytest.raises(LmlabError, match="available: books, copy, repeat, tinystories, zh"):
         corpora.bundled_corpus("wikipedia")
 
 
