@@ -115,6 +115,16 @@ def _save(fig, path):
     return path
 
 
+def accuracy_axes(ax, xlabel):
+    """The look every copy-accuracy plot shares: log2 x, accuracy 0-1 on y, grid, legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("teacher-forced greedy accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot_probe(result, path, title=""):
     """Accuracy against length (copy / reverse) or loss and accuracy against context (history)."""
     import matplotlib
@@ -148,12 +158,7 @@ def plot_probe(result, path, title=""):
                     label=f"{kind}: first occurrence (no copy)")
         ax.axvline((W - 1) / 2, color="gray", ls="--", lw=1, label="whole probe fits the context")
         ax.axvline(W, color="black", ls="--", lw=1, label="length = context")
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("sequence length (tokens)")
-        ax.set_ylabel("teacher-forced greedy accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        accuracy_axes(ax, "sequence length (tokens)")
         shots = f", {result['shots']}-shot" if result["shots"] else ""
         ax.set_title(title or f"{result['probe']} probe ({result['samples']} samples per length{shots})")
     fig.tight_layout()

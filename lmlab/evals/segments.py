@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from lmlab.device import autocast
-from lmlab.evals.output import table
+from lmlab.evals.output import accuracy_axes, table
 
 BUCKETS = 8  # position-in-segment buckets of the table
 
@@ -200,12 +200,7 @@ def plot_distance(result, path, title=""):
     ax.axvline(result["context_length"], color="black", ls="--", lw=1, label="segment length")
     if result["memory"]:
         ax.axvline(result["model_memory"], color="tab:green", ls="--", lw=1, label="memory M")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("distance D from the source to its copy (tokens)")
-    ax.set_ylabel("teacher-forced greedy accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    accuracy_axes(ax, "distance D from the source to its copy (tokens)")
     ax.set_title(title or f"copy of {result['length']} tokens, memory {'on' if result['memory'] else 'off'}")
     fig.tight_layout()
     fig.savefig(path)
