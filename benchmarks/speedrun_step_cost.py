@@ -26,7 +26,11 @@ RECIPES = {"qs32": ("cpu-quickstart", []), "nanogpt32": ("cpu-quickstart", NANOG
            "sr16": ("cpu-speedrun", []), "sr8": ("cpu-speedrun", ["train.batch_size=8"]),
            "sr32": ("cpu-speedrun", ["train.batch_size=32"]),
            "sr16-relu2": ("cpu-speedrun", ["model.ffn=relu2"]), "sr16-cap": ("cpu-speedrun", ["model.logit_softcap=15"]),
-           "sr16-ns3": ("cpu-speedrun", ["optim.muon_ns_steps=3"])}
+           "sr16-ns3": ("cpu-speedrun", ["optim.muon_ns_steps=3"]),
+           "sr16-noqk": ("cpu-speedrun", ["model.qk_norm=false"]),
+           "sr16-qk": ("cpu-speedrun", ["model.qk_norm=true"]),
+           # the first stage of train.context_schedule=64:0.3,128:1: half the window, twice the rows
+           "sr16-ctx64": ("cpu-speedrun", ["model.context_length=64", "train.batch_size=32"])}
 
 
 def main(argv):
@@ -34,7 +38,7 @@ def main(argv):
     steps = int(argv[1]) if len(argv) > 1 else 5
     repeats = int(argv[2]) if len(argv) > 2 else 5
     torch.set_num_threads(1)
-    calls, batch = {}, {}
+    calls, batch, tokens = {}, {}, {}
     for name in names:
         preset, extra = RECIPES[name]
         config = load_config(preset, [*extra, "train.threads=1"])
@@ -43,11 +47,12 @@ def main(argv):
         step, _ = _training_step(config, tokenizer, torch.device("cpu"), "fp32", first)
         calls[name] = lambda step=step: [step() for _ in range(steps)]
         batch[name] = config.train.batch_size
+        tokens[name] = config.train.batch_size * config.model.context_length
     seconds = time_side_by_side(calls, repeats=repeats, warmup=1)
-    unit = seconds[names[0]] / batch[names[0]]
+    unit = seconds[names[0]] / tokens[names[0]]
     for name, s in seconds.items():
         print(f"{name}: {1000 * s / steps:.0f} ms/step, batch {batch[name]}, "
-              f"cost per token {s / batch[name] / unit:.3f}x {names[0]}'s")
+              f"cost per token {s / tokens[name] / unit:.3f}x {names[0]}'s")
 
 
 if __name__ == "__main__":
