@@ -27,7 +27,6 @@ RECIPES = {"qs32": ("cpu-quickstart", []), "nanogpt32": ("cpu-quickstart", NANOG
            "sr32": ("cpu-speedrun", ["train.batch_size=32"]),
            "sr16-relu2": ("cpu-speedrun", ["model.ffn=relu2"]), "sr16-cap": ("cpu-speedrun", ["model.logit_softcap=15"]),
            "sr16-ns3": ("cpu-speedrun", ["optim.muon_ns_steps=3"]),
-           "sr16-noqk": ("cpu-speedrun", ["model.qk_norm=false"]),
            "sr16-qk": ("cpu-speedrun", ["model.qk_norm=true"]),
            # the first stage of train.context_schedule=64:0.3,128:1: half the window, twice the rows
            "sr16-ctx64": ("cpu-speedrun", ["model.context_length=64", "train.batch_size=32"])}

@@ -11,12 +11,9 @@ from lmlab.errors import LmlabError
 
 
 def shared(tiny_overrides):
-    """The tiny data and shape for every recipe; optimizer keys stay the recipes' own.
-
-    The tiny 64-token window has no room for cpu-speedrun's 64-then-128 context schedule, so it is off.
-    """
+    """The tiny data and shape for every recipe; optimizer keys stay the recipes' own."""
     return [o for o in tiny_overrides if not o.startswith(("optim.", "train.eval_every"))] + [
-        "train.max_steps=8", "train.eval_batches=2", "optim.warmup_steps=2", "train.context_schedule="]
+        "train.max_steps=8", "train.eval_batches=2", "optim.warmup_steps=2"]
 
 
 def test_three_recipes_two_seeds_in_interleaved_turns(tiny_overrides, tmp_path):
